@@ -1,0 +1,1 @@
+"""Encoders: ViT-3D (timm blocks), Swin-3D (MONAI), CNNs (UNet / STU-Net style)."""

@@ -1,0 +1,130 @@
+"""ViT-3D built from timm transformer blocks, with a 3D conv patch embedding and fixed sin-cos positions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from lightning_mim.masking.grid import grid_shape
+
+LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)
+
+
+def as_triple(size: int | Sequence[int]) -> tuple[int, int, int]:
+    if isinstance(size, int):
+        return size, size, size
+    size = tuple(int(s) for s in size)
+    if len(size) != 3:
+        raise ValueError(f"expected an int or 3 sizes, got {size}")
+    return size  # type: ignore[return-value]
+
+
+def sincos_position_embedding_3d(grid: Sequence[int], dim: int, temperature: float = 10000.0) -> Tensor:
+    """Fixed 3D sin-cos table ``L × dim`` in row-major token order.
+
+    ``dim/6`` frequencies per axis, sin and cos for each of the three axes (SelfMedMAE layout).
+    """
+    if dim % 6:
+        raise ValueError(f"the embedding width must be divisible by 6 for 3D sin-cos positions, got {dim}")
+    g0, g1, g2 = (int(g) for g in grid)
+    coords = torch.meshgrid(
+        torch.arange(g0, dtype=torch.float64),
+        torch.arange(g1, dtype=torch.float64),
+        torch.arange(g2, dtype=torch.float64),
+        indexing="ij",
+    )
+    per_axis = dim // 6
+    omega = 1.0 / temperature ** (torch.arange(per_axis, dtype=torch.float64) / per_axis)
+    parts = []
+    for axis in coords:
+        angles = axis.reshape(-1, 1) * omega.reshape(1, -1)
+        parts += [torch.sin(angles), torch.cos(angles)]
+    return torch.cat(parts, dim=1).float()
+
+
+class PatchEmbed3D(nn.Module):
+    """Non-overlapping ``p³`` patches → tokens (``B, L, dim``) in row-major order."""
+
+    def __init__(self, patch_size: int, in_channels: int, dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        grid_shape(x.shape[2:], self.patch_size)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class ViT3D(nn.Module):
+    """Pre-norm ViT over 3D patches; can run on the visible tokens only (MAE).
+
+    Defaults are ViT-B/16 at 96³ (768 wide, 12 blocks, 12 heads, MLP ratio 4, qkv bias).
+    Attention uses timm's fused ``scaled_dot_product_attention`` path.
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 96,
+        patch_size: int = 16,
+        in_channels: int = 1,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        use_cls_token: bool = True,
+    ) -> None:
+        super().__init__()
+        self.img_size = as_triple(img_size)
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.embed_dim = embed_dim
+        self.grid = grid_shape(self.img_size, patch_size)
+        self.num_patches = self.grid[0] * self.grid[1] * self.grid[2]
+        self.patch_embed = PatchEmbed3D(patch_size, in_channels, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_cls_token else None
+        self.register_buffer("pos_embed", sincos_position_embedding_3d(self.grid, embed_dim).unsqueeze(0), persistent=False)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=rates[i], norm_layer=LAYER_NORM)
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self._init_weights()
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 0 if self.cls_token is None else 1
+
+    def _init_weights(self) -> None:
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=0.02)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor, visible: Tensor | None = None) -> Tensor:
+        """Tokens after the final norm: ``B, prefix + n, dim``.
+
+        ``visible`` (``B, n`` long indices, see :func:`lightning_mim.masking.random.visible_indices`)
+        keeps only those tokens, so masked tokens never enter the encoder.
+        """
+        if tuple(x.shape[2:]) != self.img_size:
+            raise ValueError(f"ViT3D was built for inputs of {self.img_size}, got {tuple(x.shape[2:])}")
+        tokens = self.patch_embed(x) + self.pos_embed.to(x.dtype)
+        if visible is not None:
+            tokens = torch.gather(tokens, 1, visible.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)

@@ -1,0 +1,1 @@
+"""Callbacks: image panels, encoder export, run bookkeeping."""

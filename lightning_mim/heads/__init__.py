@@ -1,0 +1,1 @@
+"""Reconstruction decoders, projection heads and predictors."""

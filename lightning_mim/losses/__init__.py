@@ -1,0 +1,1 @@
+"""Masked reconstruction, distillation, contrastive and ranking losses (plain functions/modules)."""

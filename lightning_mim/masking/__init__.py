@@ -1,0 +1,1 @@
+"""Patch grids and mask generators. Convention everywhere: True = masked/hidden, False = visible."""

@@ -1,0 +1,1 @@
+"""One LightningModule per pre-training method; each only wires building blocks together."""

@@ -1,0 +1,167 @@
+"""The base class every pre-training method derives from.
+
+It owns what methods share: AdamW with parameter groups, linear warm-up + cosine LR sized from the
+trainer's estimated steps, logging of every loss term, image-panel capture, the post-optimizer-step
+hook teachers use, and the epoch hand-off to the data module's subject sampler. A method only
+implements :meth:`MIMModule.shared_step` (and :meth:`MIMModule.export_encoder`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lightning_mim.schedules import warmup_cosine
+
+NO_DECAY_KEYWORDS = ("pos_embed", "position_embeddings", "cls_token", "mask_token", "relative_position_bias_table")
+
+
+@dataclass
+class StepOutput:
+    """What a method's step returns.
+
+    ``losses`` holds every term and ``"loss"`` (the total that is back-propagated); ``visuals`` holds
+    ``B, C, D, H, W`` volumes for the tri-planar panel (names starting with ``heat/`` are rendered as
+    heat-map overlays); ``scalars`` holds extra values to log (momentum, temperatures, fractions).
+    """
+
+    losses: dict[str, Tensor]
+    visuals: dict[str, Tensor] = field(default_factory=dict)
+    scalars: dict[str, float | Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class EncoderExport:
+    """An encoder in the key layout of its target segmentation network, ready to be saved."""
+
+    target: str
+    state_dict: dict[str, Tensor]
+    network_kwargs: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class MIMModule(L.LightningModule):
+    """Base of all pre-training methods.
+
+    Args:
+        lr: peak learning rate (absolute; recipes state how it was scaled from the batch size).
+        weight_decay: AdamW weight decay for weight matrices and kernels.
+        betas: AdamW betas.
+        warmup_epochs: linear warm-up length in epochs (fractions allowed).
+        warmup_start_lr: learning rate at step 0 of the warm-up.
+        min_lr: learning rate reached at the end of the cosine decay.
+        exclude_from_weight_decay: no decay for biases, norms, position embeddings and tokens
+            (False reproduces official scripts that decay everything).
+    """
+
+    def __init__(
+        self,
+        lr: float = 1.5e-4,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_epochs: float = 10.0,
+        warmup_start_lr: float = 0.0,
+        min_lr: float = 0.0,
+        exclude_from_weight_decay: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.capture_visuals = False
+        self.latest_visuals: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ to implement
+    def shared_step(self, batch: dict[str, Any]) -> StepOutput:
+        raise NotImplementedError
+
+    def export_encoder(self) -> EncoderExport:
+        raise NotImplementedError(f"{type(self).__name__} does not export an encoder")
+
+    def after_optimizer_step(self) -> None:
+        """Called after every real optimizer step (once per accumulation cycle): EMA updates go here."""
+
+    @property
+    def input_size(self) -> tuple[int, int, int] | None:
+        """Spatial size the networks were built for; checked against the data before training."""
+        return None
+
+    # ------------------------------------------------------------------ steps
+    def _run(self, batch: dict[str, Any], stage: str) -> StepOutput:
+        out = self.shared_step(batch)
+        batch_size = int(batch["image"].shape[0])
+        on_step = stage == "train"
+        for name, value in out.losses.items():
+            self.log(f"{stage}/{name}", value.detach().float(), on_step=on_step, on_epoch=True,
+                     prog_bar=name == "loss", batch_size=batch_size, sync_dist=not on_step)
+        for name, value in out.scalars.items():
+            value = value.detach().float() if isinstance(value, Tensor) else float(value)
+            self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=not on_step, batch_size=batch_size,
+                     sync_dist=not on_step)
+        if self.capture_visuals and out.visuals:
+            self.latest_visuals = {k: v[:1].detach().float().cpu() for k, v in out.visuals.items()}
+        return out
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._run(batch, "train").losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._run(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._run(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        out = self.shared_step(batch)
+        return {"case_id": batch.get("case_id"), **{k: v.detach().cpu() for k, v in out.visuals.items()}}
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_size = getattr(datamodule, "model_input_size", None)
+        if self.input_size is not None and data_size is not None and tuple(data_size) != tuple(self.input_size):
+            raise ValueError(
+                f"{type(self).__name__} was built for inputs of {tuple(self.input_size)} voxels but the data module "
+                f"delivers {tuple(data_size)}; set the model's img_size to the data's patch/view size"
+            )
+
+    def on_train_epoch_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.after_optimizer_step()
+
+    # ------------------------------------------------------------------ optimisation
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            skip = param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_KEYWORDS)
+            (no_decay if skip and self.hparams.exclude_from_weight_decay else decay).append(param)
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    def total_and_warmup_steps(self) -> tuple[int, int]:
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
+        steps_per_epoch = total / epochs if epochs else float(self.trainer.num_training_batches or total)
+        return total, int(round(self.hparams.warmup_epochs * steps_per_epoch))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas))
+        total, warmup = self.total_and_warmup_steps()
+
+        def factor(step: int) -> float:
+            return warmup_cosine(step, total, warmup, 1.0, hp.min_lr / hp.lr, hp.warmup_start_lr / hp.lr)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,98 @@
+"""MAE-3D (He et al. 2022, 3D as in SelfMedMAE): the encoder sees visible tokens only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_mim.backbones.vit import ViT3D
+from lightning_mim.heads.mae_decoder import MAEDecoder
+from lightning_mim.losses.reconstruction import masked_patch_loss, normalize_patches
+from lightning_mim.masking.grid import patchify, unpatchify, upsample_mask, unflatten_mask
+from lightning_mim.masking.random import num_masked, random_mask, visible_indices
+from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput
+
+
+def paste_reconstruction(images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch: int, grid, norm_pix: bool) -> torch.Tensor:
+    """Volume with visible patches from the input and masked ones from the prediction (for panels).
+
+    With a normalised-pixel target the prediction is mapped back with each patch's own mean/std.
+    """
+    target = patchify(images, patch)
+    if norm_pix:
+        mean, std = target.mean(-1, keepdim=True), target.std(-1, keepdim=True)
+        pred = pred * std + mean
+    mixed = torch.where(mask.unsqueeze(-1), pred.to(target.dtype), target)
+    return unpatchify(mixed, patch, grid, images.shape[1])
+
+
+class MAE3D(MIMModule):
+    """Masked autoencoder on a ViT-3D.
+
+    Args:
+        img_size: input side (or sizes) the networks are built for; must equal the data's patch size.
+        in_channels: image channels.
+        patch_size: token patch side (16 → 6³ tokens at 96³).
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path_rate, use_cls_token: encoder ViT.
+        decoder_dim, decoder_depth, decoder_heads: MAE decoder (SelfMedMAE: 384 / 8 / 12).
+        mask_ratio: fraction of tokens hidden; kept count is ``floor(L·(1-r))`` as in MAE.
+        norm_pix_loss: regress per-patch normalised voxels.
+        norm_pix_unbiased: unbiased patch variance (MAE) instead of the biased LayerNorm (SelfMedMAE).
+        **kwargs: optimisation arguments of :class:`MIMModule` (lr, weight_decay, betas, warm-up...).
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int, int] = 96,
+        in_channels: int = 1,
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        use_cls_token: bool = True,
+        decoder_dim: int = 384,
+        decoder_depth: int = 8,
+        decoder_heads: int = 12,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = True,
+        norm_pix_unbiased: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.encoder = ViT3D(img_size, patch_size, in_channels, embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
+                             drop_path_rate, use_cls_token)
+        self.decoder = MAEDecoder(embed_dim, self.encoder.grid, patch_size**3 * in_channels, decoder_dim, decoder_depth,
+                                  decoder_heads, mlp_ratio)
+        self.mask_ratio = mask_ratio
+        self.num_masked = num_masked(self.encoder.num_patches, mask_ratio, "floor", by_keep=True)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return self.encoder.img_size
+
+    def reconstruct(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder output (``B, L, p³C``) and encoder tokens for a ``B, L`` mask."""
+        visible = visible_indices(mask)
+        latent = self.encoder(images, visible)
+        return self.decoder(latent, visible, self.encoder.num_prefix_tokens), latent
+
+    def shared_step(self, batch: dict[str, Any]) -> StepOutput:
+        images = batch["image"]
+        enc = self.encoder
+        mask = random_mask(images.shape[0], enc.num_patches, self.num_masked, device=images.device)
+        pred, _ = self.reconstruct(images, mask)
+        target = patchify(images, enc.patch_size)
+        loss, _ = masked_patch_loss(pred, target, mask, "l2", self.hparams.norm_pix_loss, self.hparams.norm_pix_unbiased)
+        voxel = upsample_mask(unflatten_mask(mask, enc.grid), enc.patch_size).unsqueeze(1)
+        visuals = {
+            "input": images,
+            "masked": images * (~voxel),
+            "reconstruction": paste_reconstruction(images, pred.detach(), mask, enc.patch_size, enc.grid,
+                                                   self.hparams.norm_pix_loss),
+        }
+        return StepOutput(losses={"loss": loss, "reconstruction": loss.detach()}, visuals=visuals,
+                          scalars={"mask_ratio": mask.float().mean()})
