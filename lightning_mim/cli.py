@@ -15,8 +15,14 @@ import lightning as L
 import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from lightning_mim.loggers import MIMWandbLogger
+
 # Project commands that are not Trainer stages: name → "module:function(argv)".
-EXTRA_COMMANDS: dict[str, str] = {}
+EXTRA_COMMANDS: dict[str, str] = {
+    "export-encoder": "lightning_mim.segmentation.export_cli:main",
+    "compare": "lightning_mim.segmentation.compare:main",
+    "demo": "lightning_mim.demo:main",
+}
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "default_root_dir": "runs",
@@ -33,6 +39,8 @@ DEFAULT_CALLBACKS: list[dict[str, Any]] = [
     {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
     {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}},
     {"class_path": "lightning_mim.callbacks.panels.TriplanarPanels", "init_args": {"every_n_steps": 200}},
+    # Writes <run folder>/encoder.pt when pre-training ends; skips modules without export_encoder.
+    {"class_path": "lightning_mim.callbacks.export.EncoderExport"},
 ]
 
 
@@ -78,6 +86,22 @@ class MIMCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.callbacks": DEFAULT_CALLBACKS})
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """Puts ``default_root_dir`` in the W&B run's folder, unless the user pointed it elsewhere.
+
+        Lightning writes SLURM's ``hpc_ckpt_<n>.ckpt`` to ``default_root_dir`` on the requeue signal
+        and restores the highest-numbered one found there on restart. In the run folder
+        (``<save_dir>/<project>/slurm-<job id>``) a requeued job finds exactly its own checkpoint
+        beside its ``checkpoints/``, and never that of another job or sweep trial sharing ``save_dir``.
+        Applies when ``default_root_dir`` is left at its default or equals the logger's ``save_dir``.
+        """
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        logger = trainer_config.get("logger")
+        root = Path(str(trainer_config.get("default_root_dir") or TRAINER_DEFAULTS["default_root_dir"]))
+        if isinstance(logger, MIMWandbLogger) and root in (Path(TRAINER_DEFAULTS["default_root_dir"]), Path(logger.save_dir)):
+            kwargs.setdefault("default_root_dir", str(logger.run_dir))
+        return super().instantiate_trainer(**kwargs)
 
 
 def run_extra_command(name: str, argv: list[str]) -> int:

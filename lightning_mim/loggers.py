@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 RUN_ID_FILE = "wandb_run_id.txt"
 
@@ -44,16 +45,28 @@ def resumable_checkpoint(save_dir: str | Path, project: str, run_id: str | None 
 
 
 def resolve_run_id(save_dir: str | Path, project: str, explicit: str | None = None, resume: bool = True) -> str:
-    """Explicit id, else the SLURM job's, else the persisted one when its run can be resumed, else new.
+    """Explicit id, else the sweep agent's, else the SLURM job's, else the persisted one when its run can
+    be resumed, else new.
 
-    The chosen id is written back to ``<save_dir>/wandb_run_id.txt`` (atomically).
+    A W&B sweep agent starts each trial with ``WANDB_RUN_ID`` set: that run belongs to the sweep, so
+    it wins over the SLURM id. Processes other than rank 0 that Lightning's DDP launcher starts
+    (``LOCAL_RANK`` > 0 in their environment) run after rank 0 chose the id and read it from the
+    file, so every rank agrees on the run folder. Rank 0 writes the chosen id back to
+    ``<save_dir>/wandb_run_id.txt`` (atomically).
     """
-    run_id = explicit or slurm_run_id()
+    run_id = explicit or os.environ.get("WANDB_RUN_ID") or slurm_run_id()
+    if run_id is None and rank_zero_only.rank > 0:
+        run_id = persisted_run_id(save_dir)
+        if run_id is None:
+            raise RuntimeError(f"rank {rank_zero_only.rank} found no {RUN_ID_FILE} in {save_dir} written by rank 0; "
+                               "pass the logger an explicit id when ranks start independently (e.g. torchrun)")
     if run_id is None and resume and resumable_checkpoint(save_dir, project) is not None:
         run_id = persisted_run_id(save_dir)
     run_id = run_id or secrets.token_hex(4)
     if not re.fullmatch(r"[A-Za-z0-9_-]+", run_id):
         raise ValueError(f"W&B run id {run_id!r} may only contain letters, digits, '-' and '_'")
+    if rank_zero_only.rank > 0:
+        return run_id
     path = Path(save_dir) / RUN_ID_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{RUN_ID_FILE}.{os.getpid()}.tmp")
@@ -75,6 +88,8 @@ class MIMWandbLogger(WandbLogger):
         id: force a run id; by default see :func:`resolve_run_id`.
         resume: reuse the persisted id when its ``last.ckpt`` exists (the CLI resumes from it too).
         log_model: upload Lightning checkpoints as artifacts (off: exported encoders are what matter).
+
+    ``run_dir`` is the run's folder ``<save_dir>/<project>/<id>`` (checkpoints, config, panels).
     """
 
     def __init__(
@@ -94,3 +109,26 @@ class MIMWandbLogger(WandbLogger):
         kwargs.setdefault("resume", "allow")
         super().__init__(name=name, save_dir=save_dir, offline=offline, id=run_id, project=project,
                          log_model=log_model, group=group, tags=tags, **kwargs)
+        self.run_dir = Path(save_dir) / project / run_id
+        self._preempted = False
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """Closes the W&B run when Lightning's SLURM requeue handler finalizes loggers.
+
+        That handler (status ``"finished"``, used nowhere else) saves the HPC checkpoint and
+        requeues; slurm then kills every process of the job, W&B's writer process included, and
+        whatever it had not written yet is lost (measured: the offline run of a short attempt stayed
+        empty). So the run is marked preempting and finished now; the restarted job reopens the same
+        run id with ``resume="allow"``. Metrics logged in the seconds before the kill are dropped.
+        """
+        super().finalize(status)
+        if status == "finished" and self._experiment is not None and not self._preempted:
+            self._preempted = True
+            self._experiment.mark_preempting()
+            self._experiment.finish(exit_code=1)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if not self._preempted:  # the run was closed for a requeue; the job is about to be killed
+            super().log_metrics(metrics, step)

@@ -68,3 +68,17 @@ def hard_patch_fraction(epoch: int, max_epochs: int, kind: DifficultyKind = "eas
 def teacher_temperature(epoch: float, warmup_epochs: float, start: float = 0.04, end: float = 0.07, delay_epochs: float = 0.0) -> float:
     """Teacher temperature: ``start`` until ``delay_epochs``, linear to ``end`` over ``warmup_epochs``."""
     return linear_ramp(epoch - delay_epochs, warmup_epochs, start, end) if epoch >= delay_epochs else start
+
+
+def epochs_in(value: float, unit: Literal["epochs", "fraction"], max_epochs: int) -> float:
+    """A duration given in epochs or as a fraction of the run, in epochs.
+
+    HPM ramps its EMA over a fixed 100 epochs, AnatoMask over a quarter of the run (``0.25``, fraction).
+    """
+    if value < 0:
+        raise ValueError(f"a duration cannot be negative, got {value}")
+    if unit == "epochs":
+        return float(value)
+    if unit == "fraction":
+        return float(value) * float(max(max_epochs, 1))
+    raise ValueError(f"unit must be 'epochs' or 'fraction', got {unit!r}")

@@ -81,3 +81,8 @@ def test_bad_override_fails_before_training(tmp_path):
     with pytest.raises(SystemExit):
         main(["fit", *configs(*MAE), *run_dir_args(tmp_path), "--model.mask_ratio", "not-a-number"])
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_model_and_data_sizes_must_agree(tmp_path):
+    with pytest.raises(ValueError, match=r"built for inputs of \(48, 48, 48\).*delivers \(32, 32, 32\)"):
+        main(["fit", *configs(*MAE), *run_dir_args(tmp_path), "--model.img_size", "48", "--trainer.logger", "false"])

@@ -47,6 +47,7 @@ def tiny_mae(**kw):
 
 def test_mae_step_logs_finite_loss_and_visuals():
     model = tiny_mae()
+    model.capture_visuals = True
     out = model.shared_step({"image": torch.rand(2, 1, 32, 32, 32)})
     assert torch.isfinite(out.losses["loss"])
     assert set(out.visuals) == {"input", "masked", "reconstruction"}
@@ -67,3 +68,10 @@ def test_mae_overfits_a_single_volume():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_visuals_are_built_only_when_the_panel_callback_asks():
+    model = tiny_mae()
+    assert model.shared_step({"image": torch.rand(1, 1, 32, 32, 32)}).visuals == {}
+    model.capture_visuals = True
+    assert set(model.shared_step({"image": torch.rand(1, 1, 32, 32, 32)}).visuals) == {"input", "masked", "reconstruction"}

@@ -128,3 +128,82 @@ class ViT3D(nn.Module):
         for block in self.blocks:
             tokens = block(tokens)
         return self.norm(tokens)
+
+
+# --------------------------------------------------------------------------- export to MONAI
+#: timm block parameter → MONAI ``TransformerBlock`` parameter (MONAI ``ViT``/``UNETR.vit`` layout).
+_MONAI_BLOCK_NAMES = {
+    "norm1": "norm1",
+    "attn.qkv": "attn.qkv",
+    "attn.proj": "attn.out_proj",
+    "norm2": "norm2",
+    "mlp.fc1": "mlp.linear1",
+    "mlp.fc2": "mlp.linear2",
+}
+#: MONAI's UNETR builds its ViT with these, whatever the caller asks for.
+UNETR_DEPTH = 12
+UNETR_PATCH_SIZE = 16
+
+
+def monai_vit_state_dict(vit: ViT3D) -> dict[str, Tensor]:
+    """``vit``'s weights keyed as MONAI's ``ViT`` (what ``UNETR.vit`` holds); loads with ``strict=True``.
+
+    * the fixed sin-cos table (a non-persistent buffer here) is copied into MONAI's learned
+      ``patch_embedding.position_embeddings`` (``1 × L × D``, no cls slot); the cls token is dropped
+      (UNETR has none);
+    * MONAI allocates a ``norm_cross_attn`` LayerNorm in every block even without cross-attention and
+      never calls it; it is written with LayerNorm's initial values so a strict load succeeds.
+
+    Raises when the ViT holds a parameter MONAI's ViT has no place for (e.g. layer scale, qk-norm).
+    """
+    out: dict[str, Tensor] = {
+        "patch_embedding.patch_embeddings.weight": vit.patch_embed.proj.weight,
+        "patch_embedding.patch_embeddings.bias": vit.patch_embed.proj.bias,
+        "patch_embedding.position_embeddings": vit.pos_embed,
+        "norm.weight": vit.norm.weight,
+        "norm.bias": vit.norm.bias,
+    }
+    unmapped = []
+    for index, block in enumerate(vit.blocks):
+        for name, tensor in block.state_dict(keep_vars=True).items():
+            module, _, leaf = name.rpartition(".")
+            if module not in _MONAI_BLOCK_NAMES:
+                unmapped.append(f"blocks.{index}.{name}")
+                continue
+            out[f"blocks.{index}.{_MONAI_BLOCK_NAMES[module]}.{leaf}"] = tensor
+        out[f"blocks.{index}.norm_cross_attn.weight"] = torch.ones(vit.embed_dim)
+        out[f"blocks.{index}.norm_cross_attn.bias"] = torch.zeros(vit.embed_dim)
+    if unmapped:
+        raise ValueError(f"these ViT3D parameters have no counterpart in MONAI's ViT: {unmapped}")
+    return {key: value.detach().clone().contiguous() for key, value in out.items()}
+
+
+def unetr_encoder_export(vit: ViT3D) -> tuple[dict[str, Tensor], dict]:
+    """(state dict keyed as MONAI ``UNETR`` — ``vit.*`` —, UNETR constructor arguments) for ``vit``.
+
+    MONAI's UNETR hard-codes a 12-block ViT with 16³ patches (skips from blocks 3/6/9/12); any other
+    depth or patch size cannot be loaded into it, so this raises with the reason instead of exporting
+    weights nobody can use.
+    """
+    problems = []
+    if len(vit.blocks) != UNETR_DEPTH:
+        problems.append(f"depth {len(vit.blocks)} (UNETR always builds {UNETR_DEPTH} blocks)")
+    if vit.patch_size != UNETR_PATCH_SIZE:
+        problems.append(f"patch size {vit.patch_size} (UNETR always uses {UNETR_PATCH_SIZE}³ patches)")
+    first = vit.blocks[0]
+    mlp_dim = first.mlp.fc1.out_features
+    if problems:
+        raise ValueError(
+            "this ViT cannot be exported for MONAI UNETR: " + "; ".join(problems)
+            + f". Pre-train with depth={UNETR_DEPTH} and patch_size={UNETR_PATCH_SIZE} to fine-tune with UNETR."
+        )
+    kwargs = {
+        "in_channels": vit.in_channels,
+        "img_size": list(vit.img_size),
+        "hidden_size": vit.embed_dim,
+        "mlp_dim": int(mlp_dim),
+        "num_heads": int(first.attn.num_heads),
+        "qkv_bias": first.attn.qkv.bias is not None,
+        "proj_type": "conv",
+    }
+    return {f"vit.{key}": value for key, value in monai_vit_state_dict(vit).items()}, kwargs

@@ -52,6 +52,8 @@ class MIMModule(L.LightningModule):
         weight_decay: AdamW weight decay for weight matrices and kernels.
         betas: AdamW betas.
         warmup_epochs: linear warm-up length in epochs (fractions allowed).
+        warmup_steps: linear warm-up length in optimizer steps; overrides ``warmup_epochs`` when set
+            (step-based recipes such as Swin UNETR SSL / HybridMIM: 500 steps).
         warmup_start_lr: learning rate at step 0 of the warm-up.
         min_lr: learning rate reached at the end of the cosine decay.
         exclude_from_weight_decay: no decay for biases, norms, position embeddings and tokens
@@ -64,12 +66,14 @@ class MIMModule(L.LightningModule):
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_epochs: float = 10.0,
+        warmup_steps: int | None = None,
         warmup_start_lr: float = 0.0,
         min_lr: float = 0.0,
         exclude_from_weight_decay: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # Set by the panel callback on the steps it logs: methods build their visuals only then.
         self.capture_visuals = False
         self.latest_visuals: dict[str, Tensor] = {}
 
@@ -114,6 +118,7 @@ class MIMModule(L.LightningModule):
         self._run(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        self.capture_visuals = True
         out = self.shared_step(batch)
         return {"case_id": batch.get("case_id"), **{k: v.detach().cpu() for k, v in out.visuals.items()}}
 
@@ -153,6 +158,8 @@ class MIMModule(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
         steps_per_epoch = total / epochs if epochs else float(self.trainer.num_training_batches or total)
+        if self.hparams.get("warmup_steps") is not None:
+            return total, int(self.hparams.warmup_steps)
         return total, int(round(self.hparams.warmup_epochs * steps_per_epoch))
 
     def configure_optimizers(self):

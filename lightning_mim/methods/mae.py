@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from lightning_mim.backbones.vit import ViT3D
+from lightning_mim.backbones.vit import ViT3D, unetr_encoder_export
 from lightning_mim.heads.mae_decoder import MAEDecoder
 from lightning_mim.losses.reconstruction import masked_patch_loss, normalize_patches
 from lightning_mim.masking.grid import patchify, unpatchify, upsample_mask, unflatten_mask
@@ -25,6 +25,20 @@ def paste_reconstruction(images: torch.Tensor, pred: torch.Tensor, mask: torch.T
         pred = pred * std + mean
     mixed = torch.where(mask.unsqueeze(-1), pred.to(target.dtype), target)
     return unpatchify(mixed, patch, grid, images.shape[1])
+
+
+def reconstruction_visuals(images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch: int, grid,
+                           norm_pix: bool) -> dict[str, torch.Tensor]:
+    """Panel volumes of a masked-reconstruction step: the input, the masked input and the reconstruction.
+
+    ``pred`` holds ``B, L, p³C`` patches and ``mask`` is ``B, L`` (True = masked).
+    """
+    voxel = upsample_mask(unflatten_mask(mask, grid), patch).unsqueeze(1)
+    return {
+        "input": images,
+        "masked": images * (~voxel),
+        "reconstruction": paste_reconstruction(images, pred.detach(), mask, patch, grid, norm_pix),
+    }
 
 
 class MAE3D(MIMModule):
@@ -87,12 +101,18 @@ class MAE3D(MIMModule):
         pred, _ = self.reconstruct(images, mask)
         target = patchify(images, enc.patch_size)
         loss, _ = masked_patch_loss(pred, target, mask, "l2", self.hparams.norm_pix_loss, self.hparams.norm_pix_unbiased)
-        voxel = upsample_mask(unflatten_mask(mask, enc.grid), enc.patch_size).unsqueeze(1)
-        visuals = {
-            "input": images,
-            "masked": images * (~voxel),
-            "reconstruction": paste_reconstruction(images, pred.detach(), mask, enc.patch_size, enc.grid,
-                                                   self.hparams.norm_pix_loss),
-        }
+        visuals = {}
+        if self.capture_visuals:
+            visuals = reconstruction_visuals(images, pred, mask, enc.patch_size, enc.grid, self.hparams.norm_pix_loss)
         return StepOutput(losses={"loss": loss, "reconstruction": loss.detach()}, visuals=visuals,
                           scalars={"mask_ratio": mask.float().mean()})
+
+    def export_encoder(self) -> EncoderExport:
+        """The ViT encoder for MONAI ``UNETR`` (``vit.*`` keys; sin-cos table copied into the learned positions).
+
+        Raises with the reason when UNETR cannot hold this ViT (it hard-codes 12 blocks and 16³ patches).
+        """
+        state_dict, network_kwargs = unetr_encoder_export(self.encoder)
+        metadata = {"method": "mae3d", "patch_size": self.encoder.patch_size, "roi_size": list(self.encoder.img_size),
+                    "mask_ratio": self.mask_ratio}
+        return EncoderExport("unetr", state_dict, network_kwargs, metadata)

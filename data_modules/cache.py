@@ -1,0 +1,368 @@
+"""On-disk cache of preprocessed volumes: decode and resample once, afterwards only slice.
+
+Each entry is a folder ``<cache_dir>/<case_id>-<key>/`` holding ``image.npy`` (float32,
+C x I x J x K), optionally ``label.npy`` (uint8, or int16 when classes exceed 255) and
+``meta.json`` (affine after preprocessing, spacing, shape, source paths, preprocessing dict,
+original geometry, and a ``validation`` summary). ``.npy`` is uncompressed so it can be
+memory-mapped: readers page in only the voxels of the patches they cut, and RAM does not grow
+with the number of volumes.
+
+The key hashes the resolved source paths with their sizes and ``mtime_ns`` (every file of a DICOM
+folder, and the data file of an ``.mhd``), the preprocessing settings and the channel count: a
+touched file or a changed setting yields a new entry. Files are written to temporaries and moved
+into place with ``os.replace``, ``meta.json`` last, so an entry is complete when ``meta.json``
+exists; concurrent writers of the same entry produce identical files and cannot corrupt it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torchio as tio
+
+from .presets import Preprocessing, PreprocessingError
+from .sources import Case, DataSourceError, read_image, read_label
+
+CACHE_FORMAT_VERSION = 1
+IMAGE_FILE = "image.npy"
+LABEL_FILE = "label.npy"
+META_FILE = "meta.json"
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """``$LMIM_CACHE_DIR`` or ``~/.cache/lightning_mim/preprocessed``."""
+    return Path(os.environ.get("LMIM_CACHE_DIR") or "~/.cache/lightning_mim/preprocessed").expanduser()
+
+
+def _source_stats(path: Path) -> list[list]:
+    """[name, size, mtime_ns] of every file the source is read from."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+    else:
+        files = [path]
+        if path.name.lower().endswith(".mhd"):  # header + separate data file
+            match = re.search(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", path.read_text(errors="ignore"), re.M)
+            if match and (path.parent / match.group(1)).is_file():
+                files.append(path.parent / match.group(1))
+    return [[p.name, (stat := p.stat()).st_size, stat.st_mtime_ns] for p in files]
+
+
+def cache_key(case: Case, preprocessing: Preprocessing, channels: int = 1) -> str:
+    """Hash of everything the cached arrays depend on."""
+    sources = {"image": case.image, "label": case.label}
+    description = {
+        "format": CACHE_FORMAT_VERSION,
+        "channels": channels,
+        "preprocessing": preprocessing.fingerprint(),
+        **{
+            name: None if path is None else {"path": str(path.resolve()), "files": _source_stats(path)}
+            for name, path in sources.items()
+        },
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def entry_dir(cache_dir: Path, case: Case, key: str) -> Path:
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", case.case_id)[-60:]
+    return cache_dir / f"{readable}-{key}"
+
+
+@dataclass(frozen=True)
+class CachedVolume:
+    """A preprocessed case in the cache; arrays are opened lazily by :func:`read_cached_array`."""
+
+    case_id: str
+    image: Path
+    label: Path | None
+    meta: dict = field(compare=False, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(C, I, J, K) after preprocessing."""
+        return tuple(self.meta["shape"])
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(self.meta["spacing"])
+
+    @property
+    def affine(self) -> np.ndarray:
+        return np.array(self.meta["affine"])
+
+
+def _load_entry(directory: Path, case_id: str) -> CachedVolume | None:
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("format") != CACHE_FORMAT_VERSION or not (directory / IMAGE_FILE).is_file():
+        return None
+    label = directory / LABEL_FILE if meta.get("label") else None
+    if label is not None and not label.is_file():
+        return None
+    return CachedVolume(case_id=case_id, image=directory / IMAGE_FILE, label=label, meta=meta)
+
+
+@functools.lru_cache(maxsize=65536)
+def _entry_affine(directory: Path) -> np.ndarray:
+    # Entries are content-addressed and never change once written, so caching per process is safe.
+    return np.array(json.loads((directory / META_FILE).read_text())["affine"], dtype=np.float64)
+
+
+def read_cached_array(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """TorchIO ``reader`` for cached arrays: a memory map and the entry's affine.
+
+    Copy-on-write mapping (``mmap_mode="c"``) rather than read-only, because torch refuses to wrap
+    read-only NumPy arrays without a warning; nothing writes to it, so no page is ever copied. It
+    lives at module level so DataLoader workers can unpickle subjects that refer to it.
+    """
+    path = Path(path)
+    return np.load(path, mmap_mode="c"), _entry_affine(path.parent)
+
+
+def volume_subject(volume: CachedVolume, with_label: bool = False) -> tio.Subject:
+    """A lazily loaded TorchIO subject (``image``, optional ``label``, ``case_id``) for a cached volume.
+
+    Nothing is read until a sampler touches the data, and then only as a memory map, so these
+    subjects are cheap to send to DataLoader workers and patches slice only what they need.
+    """
+    images: dict[str, tio.Image] = {"image": tio.ScalarImage(volume.image, reader=read_cached_array)}
+    if with_label:
+        if volume.label is None:
+            raise DataSourceError(f"case {volume.case_id}: no label map was cached for it")
+        images["label"] = tio.LabelMap(volume.label, reader=read_cached_array)
+    return tio.Subject(**images, case_id=volume.case_id)
+
+
+def attach_memory_maps(subject: tio.Subject) -> tio.Subject:
+    """Give every not-yet-loaded image of ``subject`` its data through its reader, without copying.
+
+    ``tio.Image.load()`` concatenates the per-path tensors with ``torch.cat`` even for a single
+    path, which copies (so fully reads) the volume; setting the reader's memory-mapped tensor
+    directly keeps the read lazy.
+    """
+    for image in subject.get_images(intensity_only=False):
+        if dict.get(image, tio.DATA) is None:  # dict.get: Image.__getitem__ would load it
+            tensor, affine = image.read_and_check(image.path)
+            image.set_data(tensor)
+            image.affine = affine
+    return subject
+
+
+class MemoryMappedSampling:
+    """Mixin for TorchIO patch samplers over cached volumes: lazy reads, zero-copy patches.
+
+    Before sampling it attaches memory maps (see :func:`attach_memory_maps`), and its ``crop``
+    returns patches whose tensors are *views* of those maps instead of TorchIO's cloned copies:
+    the queue then buffers only views, and the voxels are read once, when the collate function
+    copies them into the batch. The maps are copy-on-write, so an in-place edit of a patch can
+    never reach the cache files. Combine it with any ``tio`` sampler (e.g. ``tio.LabelSampler`` for
+    segmentation).
+    """
+
+    def __call__(self, subject: tio.Subject, num_patches: int | None = None):
+        return super().__call__(attach_memory_maps(subject), num_patches)
+
+    def crop(self, subject: tio.Subject, index_ini, patch_size) -> tio.Subject:
+        start = np.asarray(index_ini, dtype=np.int64)
+        stop = start + np.asarray(patch_size, dtype=np.int64)
+        window = (slice(None), *(slice(int(a), int(b)) for a, b in zip(start, stop)))
+        fields = {}
+        for key, value in subject.items():
+            if isinstance(value, tio.Image):
+                affine = value.affine.copy()
+                affine[:3, 3] = value.affine[:3, :3] @ start + value.affine[:3, 3]
+                fields[key] = type(value)(tensor=value.data[window], affine=affine)
+            else:
+                fields[key] = value
+        fields[tio.LOCATION] = torch.as_tensor([*start.tolist(), *stop.tolist()])
+        return tio.Subject(fields)
+
+
+class MemoryMappedUniformSampler(MemoryMappedSampling, tio.UniformSampler):
+    """``tio.UniformSampler`` over memory-mapped cached volumes."""
+
+
+def _geometry(image: tio.Image) -> dict:
+    """Spatial metadata in TorchIO's RAS world convention."""
+    return {
+        "shape": list(image.spatial_shape),
+        "spacing": list(image.spacing),
+        "origin": [float(v) for v in image.origin],
+        "direction": [float(v) for v in image.direction],
+        "orientation": image.orientation_str,
+        "affine": image.affine.tolist(),
+    }
+
+
+def _label_array(label: torch.Tensor, where: Path) -> np.ndarray:
+    values = label.to(torch.int64)
+    low, high = int(values.min()), int(values.max())
+    if low < 0:
+        raise DataSourceError(f"{where}: label map holds negative values (min {low})")
+    dtype = np.uint8 if high <= np.iinfo(np.uint8).max else np.int16
+    if high > np.iinfo(np.int16).max:
+        raise DataSourceError(f"{where}: label values up to {high} exceed int16")
+    return values.numpy().astype(dtype)
+
+
+def _atomic_write(path: Path, write: Callable[[object], None]) -> None:
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def preprocess_case(case: Case, preprocessing: Preprocessing, cache_dir: Path, channels: int = 1) -> CachedVolume:
+    """Read, preprocess, check and store one case; returns the new cache entry."""
+    key = cache_key(case, preprocessing, channels)
+    image = read_image(case.image, channels=channels)
+    images: dict[str, tio.Image] = {"image": image}
+    if case.label is not None:
+        label = read_label(case.label)
+        if label.spatial_shape != image.spatial_shape or not np.allclose(label.affine, image.affine, atol=1e-3):
+            raise DataSourceError(
+                f"{case.label}: label geometry differs from its image {case.image} "
+                f"(shape {label.spatial_shape} vs {image.spatial_shape}, or a different affine)"
+            )
+        images["label"] = label
+    original = _geometry(image)
+    subject = preprocessing.apply(tio.Subject(**images))
+
+    array = subject["image"].data.numpy().astype(np.float32, copy=False)
+    if not np.isfinite(array).all():
+        raise DataSourceError(f"{case.image}: preprocessed image contains NaN or infinite values")
+    label_array = _label_array(subject["label"].data, case.label) if case.label is not None else None
+
+    directory = entry_dir(cache_dir, case, key)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / IMAGE_FILE, lambda handle: np.save(handle, np.ascontiguousarray(array)))
+    if label_array is not None:
+        _atomic_write(directory / LABEL_FILE, lambda handle: np.save(handle, np.ascontiguousarray(label_array)))
+    processed = _geometry(subject["image"])
+    meta = {
+        "format": CACHE_FORMAT_VERSION,
+        "key": key,
+        "case_id": case.case_id,
+        "source": {"image": str(case.image), "label": None if case.label is None else str(case.label)},
+        "preprocessing": preprocessing.to_dict(),
+        "shape": list(array.shape),
+        "dtype": str(array.dtype),
+        "label": None if label_array is None else {"file": LABEL_FILE, "dtype": str(label_array.dtype)},
+        "affine": processed["affine"],
+        "spacing": processed["spacing"],
+        "orientation": processed["orientation"],
+        "original": original,
+        "validation": {
+            "finite": True,
+            "intensity": {
+                "min": float(array.min()),
+                "max": float(array.max()),
+                "mean": float(array.mean()),
+                "std": float(array.std()),
+            },
+            "label_voxels": None
+            if label_array is None
+            else {str(int(k)): int(n) for k, n in zip(*np.unique(label_array, return_counts=True))},
+        },
+    }
+    _atomic_write(directory / META_FILE, lambda handle: handle.write(json.dumps(meta, indent=1).encode()))
+    label_path = directory / LABEL_FILE if label_array is not None else None
+    return CachedVolume(case_id=case.case_id, image=directory / IMAGE_FILE, label=label_path, meta=meta)
+
+
+def _preprocess_or_report(
+    case: Case, preprocessing: Preprocessing, cache_dir: Path, channels: int
+) -> CachedVolume | str:
+    """Worker entry point: the entry, or a one-line description of why this case failed."""
+    try:
+        return preprocess_case(case, preprocessing, cache_dir, channels)
+    except (DataSourceError, PreprocessingError) as error:
+        return str(error)  # these messages already name the file
+    except Exception as error:  # noqa: BLE001 - every bad case must be reported together, before training
+        return f"{case.image}: {type(error).__name__}: {error}"
+
+
+def _limit_threads() -> None:
+    torch.set_num_threads(1)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+def ensure_cached(
+    cases: Sequence[Case],
+    preprocessing: Preprocessing,
+    cache_dir: str | os.PathLike | None = None,
+    channels: int = 1,
+    num_workers: int = 0,
+    log_every: int = 10,
+    report: Callable[[str], None] = log.info,
+) -> list[CachedVolume]:
+    """Cache entries for all ``cases`` (same order), preprocessing the ones not cached yet.
+
+    Misses run in a ``spawn`` process pool when ``num_workers > 1`` (spawn rather than fork
+    because forking a process whose ITK/OpenMP thread pools are already running can deadlock).
+    Every failing case is collected and reported in ONE :class:`DataSourceError` naming the file
+    and the problem, so a bad dataset is rejected before training instead of mid-epoch.
+    """
+    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache_root.mkdir(parents=True, exist_ok=True)
+    results: dict[int, CachedVolume | str] = {}
+    missing: list[int] = []
+    for index, case in enumerate(cases):
+        try:
+            key = cache_key(case, preprocessing, channels)
+        except OSError as error:
+            results[index] = f"{case.image}: cannot be inspected ({error})"
+            continue
+        cached = _load_entry(entry_dir(cache_root, case, key), case.case_id)
+        if cached is None:
+            missing.append(index)
+        else:
+            results[index] = cached
+    if missing:
+        report(f"preprocessing {len(missing)} of {len(cases)} case(s) into {cache_root}")
+        start = time.monotonic()
+        arguments = [(cases[i], preprocessing, cache_root, channels) for i in missing]
+        if num_workers > 1 and len(missing) > 1:
+            context = multiprocessing.get_context("spawn")
+            workers = min(num_workers, len(missing))
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_limit_threads) as pool:
+                outcomes = pool.map(_preprocess_or_report, *zip(*arguments))
+                for done, (index, outcome) in enumerate(zip(missing, outcomes), start=1):
+                    results[index] = outcome
+                    _progress(report, done, len(missing), log_every, start)
+        else:
+            for done, (index, args) in enumerate(zip(missing, arguments), start=1):
+                results[index] = _preprocess_or_report(*args)
+                _progress(report, done, len(missing), log_every, start)
+    failures = [(cases[i], outcome) for i, outcome in sorted(results.items()) if isinstance(outcome, str)]
+    if failures:
+        lines = "\n".join(f"  - {case.case_id}: {problem}" for case, problem in failures)
+        raise DataSourceError(f"{len(failures)} of {len(cases)} case(s) cannot be used:\n{lines}")
+    return [results[i] for i in range(len(cases))]
+
+
+def _progress(report: Callable[[str], None], done: int, total: int, every: int, start: float) -> None:
+    if done % max(every, 1) == 0 or done == total:
+        report(f"preprocessed {done}/{total} case(s) in {time.monotonic() - start:.1f} s")

@@ -1,0 +1,348 @@
+"""Pre-training data module: cached volumes -> TorchIO queue of patches (sharded per rank) -> views.
+
+Data path, and why:
+
+* ``prepare_data`` (one process per node) and ``setup`` (every process) discover the cases and make
+  sure each is preprocessed in the on-disk cache (:mod:`data_modules.cache`); bad cases fail there,
+  all together, before the first step.
+* Training subjects are lazily loaded TorchIO subjects over the cached ``.npy`` files
+  (``load_getitem=False``, reader = memory map), so only tiny unloaded subjects ever travel to
+  the queue. Its sampler (:class:`~data_modules.cache.MemoryMappedUniformSampler`) cuts patches
+  as views of the maps; the collate function copies each patch's voxels once, into the batch. No
+  volume is decoded, resampled, pickled or copied during training. Memory is bounded by the
+  (reclaimable, file-backed) pages the queued patches touch, whatever the number of volumes.
+* Under DDP each rank's queue gets a ``DistributedSampler`` over subjects. It pads by repeating
+  subjects (``drop_last=False``) so every rank runs the same number of batches (unequal counts
+  deadlock collectives); when the subject count is not divisible by the world size, a few subjects
+  are therefore seen twice per epoch, on different ranks. Lightning does not reach this nested
+  sampler: call :meth:`PretrainDataModule.set_epoch` at every train-epoch start (the method base
+  class does), and build the Trainer with ``use_distributed_sampler=False``.
+* Views and augmentation run on each popped patch in the collate function. Validation uses fixed,
+  seeded patches and views and no augmentation, so its loss is comparable across epochs.
+
+Batch: ``{"image": B x C x D x H x W float32 (the first view; a view of ``views[:, 0]``),
+"views": B x V x C x D x H x W (only when num_views > 1), "case_id": list[str]}``. The spatial
+axes are the cached arrays' voxel axes (i, j, k), i.e. R, A, S for RAS-oriented presets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+import torchio as tio
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .cache import CachedVolume, MemoryMappedUniformSampler, ensure_cached, read_cached_array, volume_subject
+from .phantoms import ensure_phantom_cohort
+from .presets import Preprocessing, resolve_preprocessing
+from .sources import Case, cases_from_csv, cases_from_datalist, cases_from_folder, combine_cases, split_by_subject
+from .views import PatchAugmentation, ViewSampler, as_triple, build_view_sampler
+
+
+def collate_views(samples: Sequence[tuple[str, Sequence[torch.Tensor]]]) -> dict:
+    """Batch of ``(case_id, views)`` items in the format the methods consume (see module docstring).
+
+    Views are copied once into a preallocated ``B x V x ...`` tensor; ``image`` is a view of it.
+    """
+    num_views = len(samples[0][1])
+    views = torch.empty((len(samples), num_views, *samples[0][1][0].shape), dtype=torch.float32)
+    for item, (_, item_views) in enumerate(samples):
+        if len(item_views) != num_views:
+            raise ValueError(f"every item needs {num_views} views, item {item} has {len(item_views)}")
+        for index, view in enumerate(item_views):
+            views[item, index] = view
+    batch = {"image": views[:, 0], "case_id": [case_id for case_id, _ in samples]}
+    if num_views > 1:
+        batch["views"] = views
+    return batch
+
+
+class PatchCollator:
+    """``collate_fn`` for queue patches: views, then augmentation, drawn from its own generator."""
+
+    def __init__(self, views: ViewSampler, augmentation: PatchAugmentation | None, seed: int):
+        self.views = views
+        self.augmentation = augmentation
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, patches: Sequence[tio.Subject]) -> dict:
+        samples = []
+        for patch in patches:
+            views = self.views(patch["image"].data, self.generator)
+            if self.augmentation is not None:
+                views = [self.augmentation(view, self.generator) for view in views]
+            samples.append((patch["case_id"], views))
+        return collate_views(samples)
+
+
+class FixedPatchDataset(Dataset):
+    """Deterministic patches for validation: positions and views depend only on ``seed`` and the index.
+
+    Reads straight from the memory-mapped cache, so the same patches come back every epoch and
+    validation losses are comparable across epochs.
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[CachedVolume],
+        patch_size: tuple[int, int, int],
+        samples_per_volume: int,
+        views: ViewSampler,
+        seed: int,
+    ):
+        self.volumes = list(volumes)
+        self.patch_size = patch_size
+        self.views = views
+        self.seed = seed
+        self.items: list[tuple[int, tuple[int, int, int]]] = []
+        for index, volume in enumerate(self.volumes):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+            ranges = [size - patch + 1 for size, patch in zip(volume.shape[1:], patch_size)]
+            for _ in range(samples_per_volume):
+                start = tuple(int(torch.randint(r, (1,), generator=generator)) for r in ranges)
+                self.items.append((index, start))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[str, list[torch.Tensor]]:
+        volume_index, (a, b, c) = self.items[index]
+        volume = self.volumes[volume_index]
+        array, _ = read_cached_array(volume.image)
+        da, db, dc = self.patch_size
+        patch = torch.from_numpy(array[:, a : a + da, b : b + db, c : c + dc])  # view; collate copies it once
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * index + 1)
+        return volume.case_id, self.views(patch, generator)
+
+
+class PretrainDataModule(L.LightningDataModule):
+    """Unlabelled 3D volumes -> patches for masked-image-modeling pre-training.
+
+    Args:
+        folder: folder searched recursively for NIfTI/NRRD/MHA/MHD files and DICOM series folders.
+        csv: CSV with an ``image`` column (optional ``case_id``); paths relative to the CSV.
+        datalist: MSD/MONAI ``dataset.json``; paths relative to it.
+        datalist_key: section of ``datalist`` to use (``training``, ``validation``, ``test``).
+            Sources can be combined; with none, the embedded phantom cohort is used (labels ignored).
+        preprocessing: preset name (see ``data_modules.presets.PRESETS``) or full settings. Its
+            ``pad_to`` is raised to at least ``patch_size`` so every patch fits.
+        patch_size: size of the patch the queue cuts (the *context* patch when views are cropped).
+        num_views: views per item; > 1 adds ``batch["views"]``.
+        view_size: size of the views cropped inside the patch; None = the patch itself (1 view).
+        samples_per_volume: patches per volume each time the queue loads it. Two independent crops of
+            one volume as separate items (HybridMIM, Swin UNETR SSL) = this, not views.
+        queue_length: patches the queue buffers and shuffles; several times samples_per_volume mixes
+            subjects within each batch.
+        batch_size: items per batch (per rank).
+        num_workers: worker processes of the queue's subject loader. Default 0: with the memory-mapped
+            cache the workers would only pass tiny unloaded subjects (patches are cut in the main
+            process, as TorchIO's queue always does), while re-forking them every epoch and the
+            copy-on-write faults it causes cut throughput by half or more on a 2-core machine.
+        preprocess_workers: processes that fill a cold cache (spawned; 0 or 1 = in this process).
+        val_fraction: share of subjects held out for validation (by subject, from ``seed``).
+        val_samples_per_volume: fixed patches per validation subject.
+        seed: split, validation patches and the view/augmentation generator (offset per rank).
+        cache_dir: preprocessed-volume cache; default ``$LMIM_CACHE_DIR`` or
+            ``~/.cache/lightning_mim/preprocessed``.
+        in_channels: channels per image; 4D files are accepted only when this is > 1.
+        augmentation: per-view flips / intensity jitter; None = none.
+        phantom_root: where the phantom cohort is generated (default ``$LMIM_DATA_DIR`` or
+            ``~/.cache/lightning_mim/phantoms``).
+        phantom_cases: number of phantom cases.
+        phantom_shape: phantom volume size in voxels.
+        phantom_seed: phantom cohort seed.
+    """
+
+    def __init__(
+        self,
+        folder: str | None = None,
+        csv: str | None = None,
+        datalist: str | None = None,
+        datalist_key: str = "training",
+        preprocessing: str | Preprocessing = "ct_abdomen_btcv",
+        patch_size: int | tuple[int, int, int] = 96,
+        num_views: int = 1,
+        view_size: int | tuple[int, int, int] | None = None,
+        samples_per_volume: int = 4,
+        queue_length: int = 64,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        preprocess_workers: int = 0,
+        val_fraction: float = 0.1,
+        val_samples_per_volume: int = 1,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        in_channels: int = 1,
+        augmentation: PatchAugmentation | None = None,
+        phantom_root: str | None = None,
+        phantom_cases: int = 12,
+        phantom_shape: tuple[int, int, int] = (160, 160, 64),
+        phantom_seed: int = 0,
+    ):
+        super().__init__()
+        for name, value, minimum in (
+            ("samples_per_volume", samples_per_volume, 1),
+            ("queue_length", queue_length, 1),
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("preprocess_workers", preprocess_workers, 0),
+            ("val_samples_per_volume", val_samples_per_volume, 1),
+            ("in_channels", in_channels, 1),
+        ):
+            if value < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.folder, self.csv, self.datalist, self.datalist_key = folder, csv, datalist, datalist_key
+        self.patch_size = as_triple(patch_size, "patch_size")
+        self.views = build_view_sampler(num_views, view_size)
+        if view_size is not None and any(v > p for v, p in zip(as_triple(view_size, "view_size"), self.patch_size)):
+            raise ValueError(f"view_size {view_size} must fit inside patch_size {self.patch_size}")
+        self.preprocessing = resolve_preprocessing(preprocessing).with_min_size(self.patch_size)
+        self.samples_per_volume = samples_per_volume
+        self.queue_length = queue_length
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.preprocess_workers = preprocess_workers
+        self.val_fraction = val_fraction
+        self.val_samples_per_volume = val_samples_per_volume
+        self.seed = seed
+        self.cache_dir = cache_dir
+        self.in_channels = in_channels
+        self.augmentation = augmentation
+        self.phantom_root = phantom_root
+        self.phantom_cases = phantom_cases
+        self.phantom_shape = tuple(phantom_shape)
+        self.phantom_seed = phantom_seed
+        self.train_volumes: list[CachedVolume] | None = None
+        self.val_volumes: list[CachedVolume] = []
+        self._epoch = 0
+        self._subject_sampler: DistributedSampler | None = None
+
+    def discover_cases(self) -> list[Case]:
+        """All cases of the configured sources, or of the phantom cohort when none is configured."""
+        groups = []
+        if self.folder:
+            groups.append(cases_from_folder(self.folder))
+        if self.csv:
+            groups.append(cases_from_csv(self.csv, with_labels=False))
+        if self.datalist:
+            groups.append(cases_from_datalist(self.datalist, self.datalist_key, with_labels=False))
+        if not groups:
+            datalist = ensure_phantom_cohort(
+                self.phantom_root, self.phantom_cases, self.phantom_shape, seed=self.phantom_seed, report=rank_zero_info
+            )
+            groups.append(cases_from_datalist(datalist, "training", with_labels=False))
+        return combine_cases(groups)
+
+    def _cache(self) -> list[CachedVolume]:
+        return ensure_cached(
+            self.discover_cases(),
+            self.preprocessing,
+            cache_dir=self.cache_dir,
+            channels=self.in_channels,
+            num_workers=self.preprocess_workers,
+            report=rank_zero_info,
+        )
+
+    def prepare_data(self) -> None:
+        """Generate the phantoms if needed and fill the cache (Lightning runs this once per node)."""
+        self._cache()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the cache index (filling any gap) and split subjects into train / validation."""
+        if self.train_volumes is not None:
+            return
+        self.train_volumes, self.val_volumes = split_by_subject(self._cache(), self.val_fraction, self.seed)
+
+    def _require_setup(self) -> list[CachedVolume]:
+        if self.train_volumes is None:
+            raise RuntimeError("PretrainDataModule.setup() must run before the dataloaders are built")
+        return self.train_volumes
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle the per-rank subject shards for ``epoch``; safe before any loader exists."""
+        self._epoch = epoch
+        if self._subject_sampler is not None:
+            self._subject_sampler.set_epoch(epoch)
+
+    def build_train_loader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """The training loader of one rank: a ``tio.Queue`` (sharded when ``world_size > 1``) in a DataLoader."""
+        subjects = tio.SubjectsDataset([volume_subject(v) for v in self._require_setup()], load_getitem=False)
+        sampler = None
+        if world_size > 1:
+            sampler = DistributedSampler(
+                subjects, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed, drop_last=False
+            )
+            sampler.set_epoch(self._epoch)
+        self._subject_sampler = sampler
+        queue = tio.Queue(
+            subjects,
+            max_length=self.queue_length,
+            samples_per_volume=self.samples_per_volume,
+            sampler=MemoryMappedUniformSampler(self.patch_size),
+            subject_sampler=sampler,
+            num_workers=self.num_workers,
+            shuffle_subjects=sampler is None,
+            shuffle_patches=True,
+        )
+        collate = PatchCollator(self.views, self.augmentation, seed=self.seed * 1_000_003 + rank)
+        return DataLoader(queue, batch_size=self.batch_size, num_workers=0, collate_fn=collate)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        if trainer is None:
+            return self.build_train_loader()
+        self._epoch = trainer.current_epoch
+        return self.build_train_loader(rank=trainer.global_rank, world_size=trainer.world_size)
+
+    def _fixed_loader(self) -> DataLoader | list:
+        self._require_setup()
+        if not self.val_volumes:
+            return []
+        dataset = FixedPatchDataset(
+            self.val_volumes, self.patch_size, self.val_samples_per_volume, self.views, self.seed
+        )
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=0, collate_fn=collate_views)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Fixed patches of the held-out subjects (every rank sees all of them)."""
+        return self._fixed_loader()
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._fixed_loader()
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._fixed_loader()
+
+    @property
+    def model_input_size(self) -> tuple[int, int, int]:
+        """Spatial size of the tensors the model receives (the view size, else the patch size).
+
+        The method base class compares it with the network's ``img_size`` before training starts.
+        """
+        return tuple(getattr(self.views, "view_size", self.patch_size))
+
+    def describe(self) -> dict:
+        """Data settings recorded with exported encoders."""
+        return {
+            "modality": self.preprocessing.modality,
+            "preprocessing": self.preprocessing.to_dict(),
+            "spacing": None if self.preprocessing.spacing is None else list(self.preprocessing.spacing),
+            "patch_size": list(self.patch_size),
+            "num_views": self.views.num_views,
+            "view_size": list(getattr(self.views, "view_size", self.patch_size)),
+            "in_channels": self.in_channels,
+            "num_cases": None if self.train_volumes is None else len(self.train_volumes) + len(self.val_volumes),
+            "num_train_cases": None if self.train_volumes is None else len(self.train_volumes),
+            "sources": {
+                "folder": self.folder,
+                "csv": self.csv,
+                "datalist": self.datalist,
+                "datalist_key": self.datalist_key if self.datalist else None,
+                "phantoms": not (self.folder or self.csv or self.datalist),
+            },
+        }

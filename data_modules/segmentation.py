@@ -1,0 +1,461 @@
+"""Segmentation data module: labelled volumes → label-aware training patches and whole evaluation volumes.
+
+It is built on the pre-training pieces: the same discovery (:mod:`.sources`), presets
+(:mod:`.presets`) and on-disk cache (:mod:`.cache`, which also stores the nearest-neighbour-resampled
+label maps and each case's original geometry), and the same per-rank TorchIO queue sharding as
+:class:`~data_modules.pretrain.PretrainDataModule`.
+
+* Training: a ``tio.Queue`` per rank (``DistributedSampler`` over subjects under DDP, reshuffled by
+  :meth:`SegmentationDataModule.set_epoch`) with a ``tio.LabelSampler`` that centres a patch on a
+  foreground voxel with probability ``pos_neg_ratio / (1 + pos_neg_ratio)`` and on background
+  otherwise — MONAI ``RandCropByPosNegLabel`` semantics (pos 1 : neg 1 by default), drawn from a
+  binary foreground map so every foreground voxel is equally likely. Volumes are padded by half a
+  patch first so foreground near the border can be a patch centre (and the map is never empty).
+  Augmentation (:class:`SegmentationAugmentation`) runs on each popped patch, jointly on image and
+  label.
+* Validation / test / predict: whole preprocessed volumes, batch 1, fixed order. Under DDP each rank
+  takes a disjoint slice (``cases[rank::world_size]``, no padding), so no volume is counted twice;
+  the module gathers results by case id.
+* Label fractions: the labelled training subset is the first ``n`` cases of a permutation of the
+  sorted case ids drawn from ``seed``: the same seed gives the same cases, and a smaller fraction's
+  cases are always among a larger one's (nested subsets).
+
+Batches: ``image`` ``B×C×D×H×W`` float32, ``label`` ``B×1×D×H×W`` int64 (when the case has one),
+``case_id`` list; evaluation batches add ``spacing`` (``B×3`` mm of the preprocessed grid).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torchio as tio
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .cache import CachedVolume, ensure_cached, read_cached_array, volume_subject
+from .phantoms import ensure_phantom_cohort
+from .presets import Preprocessing, resolve_preprocessing
+from .sources import Case, DataSourceError, cases_from_csv, cases_from_datalist, cases_from_folder, split_by_subject
+from .views import as_triple
+
+FOREGROUND_MAP = "foreground"
+
+
+# --------------------------------------------------------------------------- cases
+def cases_from_paired_folders(folder: str | Path) -> list[Case]:
+    """Images and labels in ``folder/images`` + ``folder/labels`` (or MSD's ``imagesTr`` + ``labelsTr``), matched by name."""
+    root = Path(folder).expanduser()
+    for images_name, labels_name in (("images", "labels"), ("imagesTr", "labelsTr")):
+        if (root / images_name).is_dir() and (root / labels_name).is_dir():
+            break
+    else:
+        raise DataSourceError(f"{root}: expected sub-folders 'images/' and 'labels/' (or 'imagesTr/' and 'labelsTr/')")
+    images = {c.case_id: c.image for c in cases_from_folder(root / images_name)}
+    labels = {c.case_id: c.image for c in cases_from_folder(root / labels_name)}
+    unmatched = sorted(set(images) ^ set(labels))
+    if unmatched:
+        raise DataSourceError(f"{root}: images and labels must pair up by name; unmatched: {', '.join(unmatched[:20])}")
+    return [Case(case_id=key, image=images[key], label=labels[key]) for key in sorted(images)]
+
+
+def labelled_subset(cases: Sequence[Any], fraction: float = 1.0, count: int | None = None, seed: int = 0) -> list[Any]:
+    """The first ``count`` (or ``max(1, round(fraction·N))``) cases of a seeded permutation of the sorted ids.
+
+    Deterministic and nested: for one seed, a smaller subset is a prefix of a larger one.
+    """
+    if count is None:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
+        count = max(1, round(fraction * len(cases)))
+    if not 1 <= count <= len(cases):
+        raise ValueError(f"num_labelled must be between 1 and the {len(cases)} training cases, got {count}")
+    ordered = sorted(cases, key=lambda case: case.case_id)
+    order = torch.randperm(len(ordered), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [ordered[i] for i in order[:count]]
+
+
+# --------------------------------------------------------------------------- augmentation
+@dataclass(frozen=True)
+class SegmentationAugmentation:
+    """Per-patch augmentation of the MONAI Swin UNETR BTCV recipe (methods.md §8.2), image and label jointly.
+
+    Attributes:
+        flip_prob: flip each spatial axis independently with this probability.
+        rotate90_prob: rotate by k·90° (k ∈ {1, 2, 3}) in the plane of the first two spatial axes.
+        intensity_scale, intensity_scale_prob: multiply by ``1 + U(−s, s)`` with this probability.
+        intensity_shift, intensity_shift_prob: add ``U(−s, s)`` with this probability.
+    """
+
+    flip_prob: float = 0.2
+    rotate90_prob: float = 0.2
+    intensity_scale: float = 0.1
+    intensity_scale_prob: float = 0.1
+    intensity_shift: float = 0.1
+    intensity_shift_prob: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("flip_prob", "rotate90_prob", "intensity_scale_prob", "intensity_shift_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        def chance(p: float) -> bool:
+            return p > 0 and float(torch.rand((), generator=generator)) < p
+
+        def uniform(s: float) -> float:
+            return s * (2 * float(torch.rand((), generator=generator)) - 1)
+
+        flips = [axis for axis in (-3, -2, -1) if chance(self.flip_prob)]
+        if flips:
+            image, label = torch.flip(image, flips), torch.flip(label, flips)
+        if chance(self.rotate90_prob):
+            k = int(torch.randint(1, 4, (1,), generator=generator))
+            image, label = torch.rot90(image, k, (-3, -2)), torch.rot90(label, k, (-3, -2))
+        if chance(self.intensity_scale_prob):
+            image = image * (1 + uniform(self.intensity_scale))
+        if chance(self.intensity_shift_prob):
+            image = image + uniform(self.intensity_shift)
+        return image.contiguous(), label.contiguous()
+
+
+class AddForegroundMap(tio.Transform):
+    """Adds the binary ``label > 0`` map the label sampler draws patch centres from."""
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        label = subject["label"]
+        subject.add_image(tio.LabelMap(tensor=(label.data > 0).to(torch.uint8), affine=label.affine), FOREGROUND_MAP)
+        return subject
+
+
+class SegmentationCollator:
+    """``collate_fn`` for queue patches: augmentation from its own seeded generator, then stacking."""
+
+    def __init__(self, augmentation: SegmentationAugmentation | None, seed: int) -> None:
+        self.augmentation = augmentation
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, patches: Sequence[tio.Subject]) -> dict[str, Any]:
+        images, labels = [], []
+        for patch in patches:
+            image, label = patch["image"].data.float(), patch["label"].data.long()
+            if self.augmentation is not None:
+                image, label = self.augmentation(image, label, self.generator)
+            images.append(image)
+            labels.append(label)
+        return {"image": torch.stack(images), "label": torch.stack(labels), "case_id": [p["case_id"] for p in patches]}
+
+
+class VolumeDataset(Dataset):
+    """Whole preprocessed volumes (image, label if cached, spacing) for evaluation and prediction."""
+
+    def __init__(self, volumes: Sequence[CachedVolume]) -> None:
+        self.volumes = list(volumes)
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        volume = self.volumes[index]
+        image, _ = read_cached_array(volume.image)
+        item = {"image": torch.from_numpy(np.array(image, dtype=np.float32)), "case_id": volume.case_id,
+                "spacing": torch.tensor(volume.spacing, dtype=torch.float64)}
+        if volume.label is not None:
+            label, _ = read_cached_array(volume.label)
+            item["label"] = torch.from_numpy(np.array(label, dtype=np.int64))
+        return item
+
+
+def collate_volumes(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {"case_id": [item["case_id"] for item in items]}
+    for key in ("image", "label", "spacing"):
+        if all(key in item for item in items):
+            batch[key] = torch.stack([item[key] for item in items])
+    return batch
+
+
+# --------------------------------------------------------------------------- the module
+class SegmentationDataModule(L.LightningDataModule):
+    """Labelled 3D volumes for fine-tuning and evaluation (see the module docstring for the data path).
+
+    Args:
+        datalist: MSD/MONAI ``dataset.json`` (BTCV's ``dataset_0.json``); class names from its ``labels``.
+        train_key: its section of training cases.
+        val_key: its section of validation cases; when absent from the file, ``val_fraction`` of the
+            training cases are held out instead (by subject, from ``seed``).
+        test_key: labelled section for ``test``; None = the validation cases (BTCV convention).
+        predict_key: section for ``predict`` (labels optional); None = the test cases.
+        folder: paired folders ``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/``), matched by name.
+        csv: CSV with ``image`` and ``label`` columns (optional ``case_id``). Sources other than a
+            datalist with a validation section are split with ``val_fraction``. With no source, the
+            embedded phantom cohort (with its organ labels and names) is used.
+        preprocessing: preset name or full settings — use the pre-training run's.
+        patch_size: training patch size (= the model's ROI).
+        samples_per_volume: patches per volume load (MONAI recipe: 4).
+        queue_length: patches held by the queue.
+        batch_size: patches per training batch (per rank).
+        num_workers: queue workers (and preprocessing processes when the cache is cold).
+        pos_neg_ratio: foreground : background patch centres (MONAI ``pos/neg``; 1 → half each).
+        label_fraction: share of the training cases whose labels are used.
+        num_labelled: number of labelled training cases (overrides ``label_fraction``).
+        val_fraction: held-out share when the source has no validation section.
+        seed: validation split and labelled subset (same seed → same cases), patch augmentation.
+        class_names: names of classes 1..K (background excluded); default: the datalist's ``labels``.
+        augmentation: per-patch augmentation; None = none.
+        cache_dir: preprocessed-volume cache (default ``$LMIM_CACHE_DIR``).
+        in_channels: image channels.
+        phantom_root, phantom_cases, phantom_shape, phantom_seed: the embedded cohort.
+    """
+
+    def __init__(
+        self,
+        datalist: str | None = None,
+        train_key: str = "training",
+        val_key: str = "validation",
+        test_key: str | None = None,
+        predict_key: str | None = None,
+        folder: str | None = None,
+        csv: str | None = None,
+        preprocessing: str | Preprocessing = "ct_abdomen_btcv",
+        patch_size: int | tuple[int, int, int] = 96,
+        samples_per_volume: int = 4,
+        queue_length: int = 32,
+        batch_size: int = 2,
+        num_workers: int = 2,
+        pos_neg_ratio: float = 1.0,
+        label_fraction: float = 1.0,
+        num_labelled: int | None = None,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        class_names: list[str] | None = None,
+        augmentation: SegmentationAugmentation | None = SegmentationAugmentation(),
+        cache_dir: str | None = None,
+        in_channels: int = 1,
+        phantom_root: str | None = None,
+        phantom_cases: int = 12,
+        phantom_shape: tuple[int, int, int] = (160, 160, 64),
+        phantom_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if sum(bool(s) for s in (datalist, folder, csv)) > 1:
+            raise ValueError("give one labelled source: datalist, folder or csv")
+        for name, value, minimum in (("samples_per_volume", samples_per_volume, 1), ("queue_length", queue_length, 1),
+                                     ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                     ("in_channels", in_channels, 1)):
+            if value < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        if pos_neg_ratio < 0:
+            raise ValueError(f"pos_neg_ratio must be >= 0, got {pos_neg_ratio}")
+        if not 0.0 < label_fraction <= 1.0:
+            raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
+        if num_labelled is not None and num_labelled < 1:
+            raise ValueError(f"num_labelled must be >= 1, got {num_labelled}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.patch_size = as_triple(patch_size, "patch_size")
+        if augmentation is not None and augmentation.rotate90_prob > 0 and self.patch_size[0] != self.patch_size[1]:
+            raise ValueError(f"rotate90 needs equal patch sides on the first two axes, got {self.patch_size}; "
+                             "set augmentation.rotate90_prob: 0")
+        self.datalist, self.train_key, self.val_key = datalist, train_key, val_key
+        self.test_key, self.predict_key = test_key, predict_key
+        self.folder, self.csv = folder, csv
+        self.preprocessing = resolve_preprocessing(preprocessing).with_min_size(self.patch_size)
+        self.samples_per_volume, self.queue_length = samples_per_volume, queue_length
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.pos_neg_ratio = pos_neg_ratio
+        self.label_fraction, self.num_labelled = label_fraction, num_labelled
+        self.val_fraction, self.seed = val_fraction, seed
+        self._class_names = list(class_names) if class_names is not None else None
+        self.augmentation = augmentation
+        self.cache_dir, self.in_channels = cache_dir, in_channels
+        self.phantom_root, self.phantom_cases = phantom_root, phantom_cases
+        self.phantom_shape, self.phantom_seed = tuple(phantom_shape), phantom_seed
+        self.splits: dict[str, list[CachedVolume]] | None = None
+        self.all_train_cases: list[Case] = []
+        self._datalist_labels: dict[int, str] | None = None
+        self._epoch = 0
+        self._subject_sampler: DistributedSampler | None = None
+
+    # ------------------------------------------------------------------ discovery
+    def _datalist_path(self) -> Path | None:
+        if self.datalist:
+            return Path(self.datalist).expanduser()
+        if self.folder or self.csv:
+            return None
+        return ensure_phantom_cohort(self.phantom_root, self.phantom_cases, self.phantom_shape, seed=self.phantom_seed,
+                                     report=rank_zero_info)
+
+    def discover(self) -> dict[str, list[Case]]:
+        """Cases per split: ``train`` (labelled subset), ``val``, ``test``, ``predict``."""
+        import json
+
+        datalist = self._datalist_path()
+        sections: list[str] = []
+        if datalist is not None:
+            train = cases_from_datalist(datalist, self.train_key)
+            content = json.loads(datalist.read_text())
+            sections = [k for k, v in content.items() if isinstance(v, list) and v]
+            labels = content.get("labels")
+            if isinstance(labels, dict):
+                self._datalist_labels = {int(k): str(v) for k, v in labels.items()}
+        elif self.folder:
+            train = cases_from_paired_folders(self.folder)
+        else:
+            train = cases_from_csv(self.csv)
+        unlabelled = [c.case_id for c in train if c.label is None]
+        if unlabelled:
+            raise DataSourceError(f"training cases without a label map: {', '.join(unlabelled[:20])}")
+        if datalist is not None and self.val_key in sections:
+            val = cases_from_datalist(datalist, self.val_key)
+        else:
+            train, val = split_by_subject(train, self.val_fraction, self.seed)
+        test = cases_from_datalist(datalist, self.test_key) if self.test_key else val
+        predict = cases_from_datalist(datalist, self.predict_key) if self.predict_key else test
+        for name, group in (("validation", val), ("test", test)):
+            if any(c.label is None for c in group):
+                raise DataSourceError(f"every {name} case needs a label map (metrics); use predict_key for unlabelled cases")
+        self.all_train_cases = train
+        labelled = labelled_subset(train, self.label_fraction, self.num_labelled, self.seed)
+        return {"train": labelled, "val": val, "test": test, "predict": predict}
+
+    def _cache(self) -> dict[str, list[CachedVolume]]:
+        splits = self.discover()
+        unique: dict[str, Case] = {}
+        for group in splits.values():
+            for case in group:
+                unique.setdefault(case.case_id, case)
+        volumes = ensure_cached(list(unique.values()), self.preprocessing, cache_dir=self.cache_dir,
+                                channels=self.in_channels, num_workers=self.num_workers, report=rank_zero_info)
+        by_id = {v.case_id: v for v in volumes}
+        return {name: [by_id[c.case_id] for c in group] for name, group in splits.items()}
+
+    def prepare_data(self) -> None:
+        """Generate the phantoms if needed and fill the cache (once per node)."""
+        self._cache()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            self.splits = self._cache()
+            rank_zero_info(
+                f"segmentation data: {len(self.splits['train'])} labelled training case(s) of {len(self.all_train_cases)} "
+                f"(label_fraction={self.label_fraction}, num_labelled={self.num_labelled}, seed={self.seed}), "
+                f"{len(self.splits['val'])} validation, {len(self.splits['test'])} test"
+            )
+
+    def _split(self, name: str) -> list[CachedVolume]:
+        if self.splits is None:
+            raise RuntimeError("SegmentationDataModule.setup() must run first")
+        return self.splits[name]
+
+    # ------------------------------------------------------------------ what the model needs to know
+    @property
+    def class_names(self) -> list[str]:
+        """Names of all classes, background first (index = label value); known after :meth:`setup`.
+
+        From ``class_names``, else the datalist's ``labels``, else ``class_<i>`` up to the largest
+        label value found in the training and validation label maps.
+        """
+        if self._class_names is not None:
+            return ["background", *self._class_names]
+        if self._datalist_labels:
+            top = max(self._datalist_labels)
+            return [self._datalist_labels.get(i, f"class_{i}") for i in range(top + 1)]
+        top = max((int(k) for v in self._split("train") + self._split("val")
+                   for k in (v.meta["validation"]["label_voxels"] or {})), default=1)
+        return ["background", *[f"class_{i}" for i in range(1, top + 1)]]
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels of the network: foreground classes + background."""
+        return len(self.class_names)
+
+    @property
+    def labelled_case_ids(self) -> list[str]:
+        return [v.case_id for v in self._split("train")]
+
+    def original_geometry(self, case_id: str) -> dict[str, Any]:
+        """Source image path and geometry (shape, affine, spacing, origin, direction) before preprocessing."""
+        for group in (self.splits or {}).values():
+            for volume in group:
+                if volume.case_id == case_id:
+                    return {"source": volume.meta["source"]["image"], **volume.meta["original"],
+                            "preprocessed_affine": volume.meta["affine"]}
+        raise KeyError(f"unknown case {case_id!r}")
+
+    def describe(self) -> dict[str, Any]:
+        """Data settings recorded with results (and in exported metadata)."""
+        return {
+            "modality": self.preprocessing.modality,
+            "preprocessing": self.preprocessing.to_dict(),
+            "spacing": None if self.preprocessing.spacing is None else list(self.preprocessing.spacing),
+            "patch_size": list(self.patch_size),
+            # The fraction actually used (num_labelled / training cases), which result files report.
+            "label_fraction": round(len(self._split("train")) / len(self.all_train_cases), 4) if self.splits
+            else self.label_fraction,
+            "num_labelled": len(self._split("train")) if self.splits else self.num_labelled,
+            "num_train_cases": len(self.all_train_cases) if self.splits else None,
+            "labelled_cases": self.labelled_case_ids if self.splits else None,
+            "seed": self.seed,
+            "class_names": self.class_names if self.splits else None,
+        }
+
+    # ------------------------------------------------------------------ loaders
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle the per-rank subject shards for ``epoch`` (Lightning does not reach the queue's sampler)."""
+        self._epoch = epoch
+        if self._subject_sampler is not None:
+            self._subject_sampler.set_epoch(epoch)
+
+    def build_train_loader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+        half = tuple(p // 2 for p in self.patch_size)
+        transform = tio.Compose([AddForegroundMap(), tio.Pad(tuple(h for h in half for _ in (0, 1)), padding_mode="minimum")])
+        subjects = tio.SubjectsDataset([volume_subject(v, with_label=True) for v in self._split("train")], transform=transform)
+        sampler = None
+        if world_size > 1:
+            sampler = DistributedSampler(subjects, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed,
+                                         drop_last=False)
+            sampler.set_epoch(self._epoch)
+        self._subject_sampler = sampler
+        pos = self.pos_neg_ratio / (1.0 + self.pos_neg_ratio)
+        queue = tio.Queue(
+            subjects,
+            max_length=self.queue_length,
+            samples_per_volume=self.samples_per_volume,
+            sampler=tio.LabelSampler(self.patch_size, FOREGROUND_MAP, {0: 1.0 - pos, 1: pos}),
+            subject_sampler=sampler,
+            num_workers=self.num_workers,
+            shuffle_subjects=sampler is None,
+            shuffle_patches=True,
+        )
+        collate = SegmentationCollator(self.augmentation, seed=self.seed * 1_000_003 + rank)
+        return DataLoader(queue, batch_size=self.batch_size, num_workers=0, collate_fn=collate)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        if trainer is None:
+            return self.build_train_loader()
+        self._epoch = trainer.current_epoch
+        return self.build_train_loader(rank=trainer.global_rank, world_size=trainer.world_size)
+
+    def volume_loader(self, split: str, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Whole volumes of ``split``, batch 1, in order; rank ``r`` of ``w`` gets ``volumes[r::w]`` (no padding)."""
+        volumes = self._split(split)[rank::world_size]
+        return DataLoader(VolumeDataset(volumes), batch_size=1, shuffle=False, num_workers=0, collate_fn=collate_volumes)
+
+    def _rank_loader(self, split: str) -> DataLoader:
+        trainer = self.trainer
+        return self.volume_loader(split) if trainer is None else self.volume_loader(split, trainer.global_rank, trainer.world_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._rank_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._rank_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._rank_loader("predict")

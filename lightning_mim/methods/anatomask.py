@@ -1,0 +1,209 @@
+"""AnatoMask (Li et al., ECCV 2024): SparK-style CNN pre-training with reconstruction-guided masks.
+
+Per step (methods.md §4.3): a random initial mask → the EMA teacher reconstructs under it, without
+gradients, giving a per-patch loss map (masked patches only, zero elsewhere) → the guided mask hides
+the ``floor(N·r(epoch))`` patches the teacher found hardest plus random others → the student
+reconstructs under that mask and is trained with the norm-pix MSE on its masked patches. The
+teacher only decides where to mask; it contributes no loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_mim.backbones.cnn import STUNetEncoder
+from lightning_mim.backbones.sparse import NormStatistics, SparseEncoder
+from lightning_mim.backbones.vit import as_triple
+from lightning_mim.heads.light_decoder import DecoderNorm, Densify, LightDecoder
+from lightning_mim.losses.ranking import spearman_correlation
+from lightning_mim.losses.reconstruction import masked_patch_loss
+from lightning_mim.masking.grid import patchify, unflatten_mask, upsample_mask
+from lightning_mim.masking.guided import guided_mask
+from lightning_mim.masking.random import num_masked, random_mask
+from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput
+from lightning_mim.methods.mae import reconstruction_visuals
+from lightning_mim.schedules import DifficultyKind, ema_momentum_ramp, epochs_in, hard_patch_fraction
+from lightning_mim.teachers import EMATeacher
+
+
+class SparKNetwork(nn.Module):
+    """Sparse CNN encoder → densify → light UNet decoder: a full volume from the visible cells.
+
+    The decoder consumes the ``log2(ratio)`` coarsest encoder scales; the full-resolution map is not
+    densified (SparK computes it and never uses it).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder_width: int,
+        out_channels: int,
+        decoder_norm: DecoderNorm = "batch",
+        instance_statistics: NormStatistics = "batch",
+    ) -> None:
+        super().__init__()
+        self.encoder = SparseEncoder(encoder, instance_statistics)
+        self.decoder = LightDecoder(decoder_width, self.encoder.downsample_ratio(), out_channels, decoder_norm)
+        self.num_scales = len(self.decoder.block_widths)
+        channels = tuple(reversed(self.encoder.feature_channels()))
+        if len(channels) < self.num_scales:
+            raise ValueError(f"the encoder has {len(channels)} scales, the decoder needs {self.num_scales}")
+        self.densify = Densify(channels[: self.num_scales], self.decoder.block_widths, instance_statistics)
+
+    def forward(self, images: Tensor, mask: Tensor) -> Tensor:
+        """Reconstruction ``B, C, D, H, W`` of ``images`` seen through the cell ``mask`` (True = hidden)."""
+        features = self.encoder(images, mask)
+        coarsest_first = features[::-1][: self.num_scales]
+        return self.decoder(self.densify(coarsest_first, ~mask))
+
+
+class AnatoMask(MIMModule):
+    """AnatoMask on a sparse STU-Net encoder with SparK's light decoder.
+
+    Logged besides the loss: ``hard_fraction``, ``spearman`` (teacher map vs the student's actual
+    loss on patches hidden under both the initial and the final mask — the others have no teacher
+    score), ``ema_momentum``, ``mask_ratio``. Panels: input, masked input, reconstruction,
+    ``heat/teacher_loss`` and ``heat/mask`` (0 visible, 1 random, 2 hard). Fine-tune from
+    :meth:`export_encoder`; gradient clipping (12 in the recipe) is the Trainer's ``gradient_clip_val``.
+
+    Args:
+        img_size: input size (int or 3 sizes); every side must be divisible by the encoder's
+            downsample ratio (16 for five stages), because masks live on that coarsest grid. The
+            published recipe uses nnU-Net's 112 × 112 × 128 patch (7 × 7 × 8 = 392 cells).
+        in_channels: image channels (the decoder reconstructs all of them).
+        encoder_dims, encoder_depths: STU-Net stage widths and blocks per stage (B: 32…512, depth 1).
+        decoder_width: width of the first decoder block; None = the deepest encoder width (512 for B).
+        decoder_norm: ``"batch"`` (code) or ``"instance"`` in the light decoder.
+        instance_norm_statistics: sparse instance norms pool the visible voxels of the whole batch
+            per channel (``"batch"``, the official code's behaviour, batch-size dependent) or use each
+            sample's own visible voxels (``"sample"``).
+        mask_ratio: ``γ``; kept cells ``round(L·(1−γ))`` as in SparK (0.6 → 235 of 392 masked).
+        difficulty_schedule, max_hard_fraction: ``r(epoch)`` — the code's linear
+            ``r_max·(e+1)/(E−1)`` up to ``r_max = 0.5`` by default.
+        teacher_raw_target: score patches against the raw voxels, as the official code does, instead
+            of the normalised target the network is trained on (default; methods.md §4.6).
+        ema_momentum_start, ema_momentum_end, ema_ramp, ema_ramp_unit: teacher decay ramps linearly
+            0.999 → 0.9999 over the first quarter of the run (code), or over ``ema_ramp`` epochs.
+        **kwargs: optimisation arguments of :class:`MIMModule`.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int, int] = (112, 112, 128),
+        in_channels: int = 1,
+        encoder_dims: Sequence[int] = (32, 64, 128, 256, 512),
+        encoder_depths: int | Sequence[int] = 1,
+        decoder_width: int | None = None,
+        decoder_norm: DecoderNorm = "batch",
+        instance_norm_statistics: NormStatistics = "batch",
+        mask_ratio: float = 0.6,
+        difficulty_schedule: DifficultyKind = "anatomask",
+        max_hard_fraction: float = 0.5,
+        teacher_raw_target: bool = False,
+        ema_momentum_start: float = 0.999,
+        ema_momentum_end: float = 0.9999,
+        ema_ramp: float = 0.25,
+        ema_ramp_unit: Literal["fraction", "epochs"] = "fraction",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= max_hard_fraction <= 1.0:
+            raise ValueError(f"max_hard_fraction must be in [0, 1], got {max_hard_fraction}")
+        if not (0.0 <= ema_momentum_start <= 1.0 and 0.0 <= ema_momentum_end <= 1.0):
+            raise ValueError("EMA momenta must be in [0, 1]")
+        epochs_in(ema_ramp, ema_ramp_unit, 1)  # validates the pair early
+        encoder = STUNetEncoder(in_channels, encoder_dims, encoder_depths)
+        self.cell = encoder.downsample_ratio()
+        self.img_size = as_triple(img_size)
+        if any(s % self.cell for s in self.img_size):
+            raise ValueError(
+                f"img_size {self.img_size} must be divisible by the encoder's downsample ratio {self.cell} on every "
+                f"axis: masks are drawn on the coarsest feature grid (e.g. 112 x 112 x 128 or 64³)"
+            )
+        self.grid = tuple(s // self.cell for s in self.img_size)
+        self.num_cells = self.grid[0] * self.grid[1] * self.grid[2]
+        self.num_masked = num_masked(self.num_cells, mask_ratio, "round", by_keep=True)
+        if self.num_masked in (0, self.num_cells):
+            raise ValueError(f"mask_ratio {mask_ratio} masks {self.num_masked} of {self.num_cells} cells")
+        self.network = SparKNetwork(encoder, decoder_width or encoder.dims[-1], in_channels, decoder_norm,
+                                    instance_norm_statistics)
+        self.teacher = EMATeacher(self.network)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return self.img_size
+
+    # ------------------------------------------------------------------ schedules
+    def _planned_epochs(self) -> int:
+        max_epochs = getattr(self._trainer, "max_epochs", None)
+        return int(max_epochs) if max_epochs and max_epochs > 0 else 1
+
+    def hard_fraction(self) -> float:
+        """``r`` for the current epoch."""
+        hp = self.hparams
+        return hard_patch_fraction(self.current_epoch, self._planned_epochs(), hp.difficulty_schedule,
+                                   hp.max_hard_fraction)
+
+    def ema_momentum(self) -> float:
+        """Teacher decay for the current epoch: linear ramp over ``E_r`` epochs, then constant."""
+        hp = self.hparams
+        ramp = epochs_in(hp.ema_ramp, hp.ema_ramp_unit, self._planned_epochs())
+        return ema_momentum_ramp(self.current_epoch, ramp, hp.ema_momentum_start, hp.ema_momentum_end)
+
+    def after_optimizer_step(self) -> None:
+        self.teacher.update(self.network, self.ema_momentum())
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def teacher_loss_map(self, images: Tensor, target: Tensor, initial: Tensor) -> Tensor:
+        """``B, L`` teacher reconstruction loss per patch under ``initial`` (masked patches only, 0 elsewhere)."""
+        pred = patchify(self.teacher(images, unflatten_mask(initial, self.grid)), self.cell)
+        norm_pix = not self.hparams.teacher_raw_target
+        _, loss_map = masked_patch_loss(pred, target, initial, "l2", norm_pix=norm_pix, unbiased=True)
+        return loss_map * initial
+
+    def shared_step(self, batch: dict[str, Any]) -> StepOutput:
+        images = batch["image"]
+        if tuple(images.shape[2:]) != self.img_size:
+            raise ValueError(f"AnatoMask was built for inputs of {self.img_size}, got {tuple(images.shape[2:])}")
+        target = patchify(images, self.cell)
+        initial = random_mask(images.shape[0], self.num_cells, self.num_masked, device=images.device)
+        scores = self.teacher_loss_map(images, target, initial)
+        chosen = guided_mask(scores, self.num_masked, self.hard_fraction())
+        mask = chosen.mask
+        pred = patchify(self.network(images, unflatten_mask(mask, self.grid)), self.cell)
+        loss, student_map = masked_patch_loss(pred, target, mask, "l2", norm_pix=True, unbiased=True)
+
+        visuals = {}
+        if self.capture_visuals:
+            visuals = reconstruction_visuals(images, pred, mask, self.cell, self.grid, norm_pix=True)
+            visuals["heat/teacher_loss"] = self._to_voxels(scores)
+            visuals["heat/mask"] = self._to_voxels(mask.float() + chosen.hard.float())  # 0 visible, 1 random, 2 hard
+        scalars = {
+            "hard_fraction": chosen.hard.sum(dim=1).float().mean() / self.num_masked,
+            # Only patches hidden under both masks have a teacher score to compare with.
+            "spearman": spearman_correlation(scores, student_map.detach(), mask & initial).mean(),
+            "ema_momentum": self.ema_momentum(),
+            "mask_ratio": mask.float().mean(),
+        }
+        return StepOutput(losses={"loss": loss, "reconstruction": loss.detach()}, visuals=visuals, scalars=scalars)
+
+    def _to_voxels(self, per_cell: Tensor) -> Tensor:
+        return upsample_mask(unflatten_mask(per_cell.detach().float(), self.grid), self.cell).unsqueeze(1)
+
+    # ------------------------------------------------------------------ export
+    def export_encoder(self) -> EncoderExport:
+        """Dense STU-Net encoder weights (this project's :class:`STUNetEncoder` keys) and its constructor args."""
+        dense = self.network.encoder.encoder
+        state_dict = {key: value.detach().clone() for key, value in dense.state_dict().items()}
+        metadata = {
+            "method": "anatomask",
+            "roi_size": list(self.img_size),
+            "mask_cell": self.cell,
+            "mask_ratio": self.hparams.mask_ratio,
+        }
+        return EncoderExport("stunet_encoder", state_dict, dense.network_kwargs(), metadata)

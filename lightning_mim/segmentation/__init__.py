@@ -1,0 +1,1 @@
+"""Transfer: exported encoders → segmentation networks → fine-tuning, evaluation and comparison."""

@@ -1,0 +1,177 @@
+"""Segmentation networks, built from a target name and constructor arguments.
+
+The name is what an exported encoder declares as its ``target`` (see :mod:`.weights`), so a file
+alone says which network it belongs to:
+
+============== ======================================================= ===================== =====
+target         network                                                 encoder sub-module    ROI ÷
+============== ======================================================= ===================== =====
+unetr          ``monai.networks.nets.UNETR`` (ViT encoders)            ``vit``               16
+swin_unetr     ``monai.networks.nets.SwinUNETR`` (Swin encoders; SMIT's ``swinViT``          32
+               ``swin_smit`` is the same class with its depths/heads/
+               window/qkv_bias)
+stunet_encoder STU-Net-style encoder + UNet decoder (AnatoMask)         ``encoder``           16
+hybridmim_unet HybridMIM's DeepUNet (:class:`~lightning_mim.backbones    ``encoder``           stride
+               .unet.UNet3D`)
+============== ======================================================= ===================== =====
+
+Each :class:`NetworkSpec` also knows which parameters belong to the encoder (for strict loading and
+freezing) and the depth of every parameter for layer-wise learning-rate decay.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_mim.backbones.cnn import STUNetEncoder
+from lightning_mim.backbones.unet import UNet3D, unet_layers
+from lightning_mim.backbones.vit import as_triple
+from lightning_mim.heads.partial_decoder import UNetDecoder
+
+
+class STUNetUNet(nn.Module):
+    """STU-Net-style residual encoder (AnatoMask's pre-trained part) with a UNet decoder.
+
+    The decoder is HybridMIM's :class:`~lightning_mim.heads.partial_decoder.UNetDecoder` (transposed
+    convolutions, skip concatenation, two conv blocks per level) with nnU-Net's LeakyReLU 0.01 and
+    affine InstanceNorm — not nnU-Net's own STU-Net decoder, which lives outside this project.
+
+    Args:
+        in_channels: image channels.
+        out_channels: classes (background included).
+        dims, depths: encoder stage widths and residual blocks per stage (see ``STUNetEncoder``).
+        negative_slope: LeakyReLU slope of the decoder blocks.
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, dims: Sequence[int] = (32, 64, 128, 256, 512),
+                 depths: int | Sequence[int] = 1, negative_slope: float = 0.01) -> None:
+        super().__init__()
+        self.encoder = STUNetEncoder(in_channels, dims, depths)
+        act, norm = unet_layers(negative_slope)
+        self.decoder = UNetDecoder(self.encoder.dims, (2,) * (len(self.encoder.dims) - 1), out_channels, act, norm, 0.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.encoder(x))
+
+
+def _build_unetr(in_channels: int, out_channels: int, roi_size: tuple[int, int, int], **kwargs: Any) -> nn.Module:
+    from monai.networks.nets import UNETR
+
+    kwargs.pop("img_size", None)  # the pre-training ROI; the network is built for the fine-tuning ROI
+    return UNETR(in_channels=in_channels, out_channels=out_channels, img_size=roi_size, **kwargs)
+
+
+def _build_swin_unetr(in_channels: int, out_channels: int, roi_size: tuple[int, int, int], **kwargs: Any) -> nn.Module:
+    from monai.networks.nets import SwinUNETR
+
+    kwargs.pop("img_size", None)  # MONAI >= 1.5 builds Swin UNETR for any size divisible by 32
+    return SwinUNETR(in_channels=in_channels, out_channels=out_channels, **kwargs)
+
+
+def _build_stunet(in_channels: int, out_channels: int, roi_size: tuple[int, int, int], **kwargs: Any) -> nn.Module:
+    return STUNetUNet(in_channels=in_channels, out_channels=out_channels, **kwargs)
+
+
+def _build_unet(in_channels: int, out_channels: int, roi_size: tuple[int, int, int], **kwargs: Any) -> nn.Module:
+    return UNet3D(in_channels=in_channels, out_channels=out_channels, **kwargs)
+
+
+def _numbered_layer(patterns: Sequence[tuple[str, Callable[[re.Match], int]]]) -> Callable[[str], int | None]:
+    def index(name: str) -> int | None:
+        for pattern, to_index in patterns:
+            match = re.match(pattern, name)
+            if match:
+                return to_index(match)
+        return None
+
+    return index
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """How to build one segmentation network and where its encoder lives.
+
+    Attributes:
+        name: target name (the ``target`` of an exported encoder).
+        build: ``build(in_channels, out_channels, roi_size, **kwargs) -> nn.Module``.
+        encoder_prefix: state-dict prefix of the pre-trained part; every key under it must be
+            present in a pre-trained file (strict loading).
+        roi_multiple: the ROI must be divisible by this (None: ask the built network).
+        layer_index: encoder depth of a parameter for layer-wise LR decay (0 = stem); None for
+            decoder/head parameters, which get the full learning rate.
+    """
+
+    name: str
+    build: Callable[..., nn.Module]
+    encoder_prefix: str
+    roi_multiple: int | None
+    layer_index: Callable[[str], int | None]
+
+
+NETWORKS: dict[str, NetworkSpec] = {
+    "unetr": NetworkSpec(
+        "unetr", _build_unetr, "vit.", 16,
+        _numbered_layer([(r"vit\.patch_embedding\.", lambda m: 0), (r"vit\.blocks\.(\d+)\.", lambda m: int(m[1]) + 1),
+                         (r"vit\.norm\.", lambda m: 13)]),
+    ),
+    "swin_unetr": NetworkSpec(
+        "swin_unetr", _build_swin_unetr, "swinViT.", 32,
+        _numbered_layer([(r"swinViT\.patch_embed\.", lambda m: 0), (r"swinViT\.layers(\d)c?\.", lambda m: int(m[1]))]),
+    ),
+    "stunet_encoder": NetworkSpec(
+        "stunet_encoder", _build_stunet, "encoder.", None,
+        _numbered_layer([(r"encoder\.stages\.(\d+)\.", lambda m: int(m[1]))]),
+    ),
+    "hybridmim_unet": NetworkSpec(
+        "hybridmim_unet", _build_unet, "encoder.", None,
+        _numbered_layer([(r"encoder\.stem\.", lambda m: 0), (r"encoder\.downs\.(\d+)\.", lambda m: int(m[1]) + 1)]),
+    ),
+}
+
+
+def network_spec(name: str) -> NetworkSpec:
+    try:
+        return NETWORKS[name]
+    except KeyError:
+        raise ValueError(f"unknown segmentation network {name!r}; choose one of {sorted(NETWORKS)}") from None
+
+
+def required_multiple(name: str, network: nn.Module) -> int:
+    """The side every input must be divisible by (token patch or total downsampling)."""
+    spec = network_spec(name)
+    if spec.roi_multiple is not None:
+        return spec.roi_multiple
+    if hasattr(network, "total_stride"):
+        return int(network.total_stride)
+    return int(network.encoder.downsample_ratio())
+
+
+def build_network(name: str, in_channels: int, out_channels: int, roi_size: int | Sequence[int], **kwargs: Any) -> nn.Module:
+    """The network ``name`` for ``in_channels`` → ``out_channels`` at ``roi_size``; checks the ROI fits it."""
+    spec = network_spec(name)
+    roi = as_triple(roi_size)
+    try:
+        network = spec.build(in_channels, out_channels, roi, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"cannot build {name!r} with arguments {sorted(kwargs)}: {error}") from error
+    multiple = required_multiple(name, network)
+    if any(s % multiple for s in roi):
+        raise ValueError(f"{name}: the ROI {roi} must be divisible by {multiple} on every axis")
+    return network
+
+
+def layer_ids(name: str, network: nn.Module) -> tuple[dict[str, int], int]:
+    """(depth of every parameter, depth of the top) for layer-wise LR decay.
+
+    Encoder parameters get their depth from the spec (stem 0, then one per ViT block or Swin/CNN
+    stage); everything else — decoder and head — sits at the top and keeps the full learning rate.
+    """
+    spec = network_spec(name)
+    found = {n: spec.layer_index(n) for n, _ in network.named_parameters()}
+    top = max((i for i in found.values() if i is not None), default=-1) + 1
+    return {n: top if i is None else i for n, i in found.items()}, top
