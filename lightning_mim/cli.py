@@ -113,5 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if words and words[0] in EXTRA_COMMANDS:
         return run_extra_command(words[0], words[1:])
-    MIMCLI(args=argv)
+    try:
+        MIMCLI(args=argv)
+    finally:
+        close_wandb_run()
     return 0
+
+
+def close_wandb_run() -> None:
+    """Finish the stage's W&B run so a later CLI call in the same process starts its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()

@@ -26,7 +26,8 @@ from lightning_mim.masking.guided import guided_mask
 from lightning_mim.masking.random import num_masked, random_mask
 from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput
 from lightning_mim.methods.mae import reconstruction_visuals
-from lightning_mim.schedules import DifficultyKind, ema_momentum_ramp, epochs_in, hard_patch_fraction
+from lightning_mim.methods.guided_schedules import GuidedMaskingSchedules
+from lightning_mim.schedules import DifficultyKind, epochs_in
 from lightning_mim.teachers import EMATeacher
 
 
@@ -61,7 +62,7 @@ class SparKNetwork(nn.Module):
         return self.decoder(self.densify(coarsest_first, ~mask))
 
 
-class AnatoMask(MIMModule):
+class AnatoMask(GuidedMaskingSchedules, MIMModule):
     """AnatoMask on a sparse STU-Net encoder with SparK's light decoder.
 
     Logged besides the loss: ``hard_fraction``, ``spearman`` (teacher map vs the student's actual
@@ -138,22 +139,6 @@ class AnatoMask(MIMModule):
         return self.img_size
 
     # ------------------------------------------------------------------ schedules
-    def _planned_epochs(self) -> int:
-        max_epochs = getattr(self._trainer, "max_epochs", None)
-        return int(max_epochs) if max_epochs and max_epochs > 0 else 1
-
-    def hard_fraction(self) -> float:
-        """``r`` for the current epoch."""
-        hp = self.hparams
-        return hard_patch_fraction(self.current_epoch, self._planned_epochs(), hp.difficulty_schedule,
-                                   hp.max_hard_fraction)
-
-    def ema_momentum(self) -> float:
-        """Teacher decay for the current epoch: linear ramp over ``E_r`` epochs, then constant."""
-        hp = self.hparams
-        ramp = epochs_in(hp.ema_ramp, hp.ema_ramp_unit, self._planned_epochs())
-        return ema_momentum_ramp(self.current_epoch, ramp, hp.ema_momentum_start, hp.ema_momentum_end)
-
     def after_optimizer_step(self) -> None:
         self.teacher.update(self.network, self.ema_momentum())
 

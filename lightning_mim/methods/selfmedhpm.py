@@ -22,11 +22,12 @@ from lightning_mim.masking.guided import guided_mask
 from lightning_mim.masking.random import visible_indices
 from lightning_mim.methods.base import EncoderExport, StepOutput
 from lightning_mim.methods.mae import MAE3D, reconstruction_visuals
-from lightning_mim.schedules import DifficultyKind, ema_momentum_ramp, epochs_in, hard_patch_fraction
+from lightning_mim.methods.guided_schedules import GuidedMaskingSchedules
+from lightning_mim.schedules import DifficultyKind, epochs_in
 from lightning_mim.teachers import EMATeacher
 
 
-class SelfMedHPM(MAE3D):
+class SelfMedHPM(GuidedMaskingSchedules, MAE3D):
     """MAE-3D + HPM loss predictor + EMA teacher that chooses the next masks (easy-to-hard).
 
     The teacher is an EMA of the encoder and both decoder branches (as HPM's ``ModelEma`` of the whole
@@ -95,22 +96,6 @@ class SelfMedHPM(MAE3D):
         return nn.ModuleDict({"encoder": self.encoder, "decoder": self.decoder, "loss_predictor": self.loss_predictor})
 
     # ------------------------------------------------------------------ schedules
-    def _planned_epochs(self) -> int:
-        max_epochs = getattr(self._trainer, "max_epochs", None)
-        return int(max_epochs) if max_epochs and max_epochs > 0 else 1
-
-    def hard_fraction(self) -> float:
-        """``α`` for the current epoch."""
-        hp = self.hparams
-        return hard_patch_fraction(self.current_epoch, self._planned_epochs(), hp.difficulty_schedule,
-                                   hp.max_hard_fraction)
-
-    def ema_momentum(self) -> float:
-        """EMA decay for the current epoch: linear ramp over ``E_r`` epochs, then constant."""
-        hp = self.hparams
-        ramp = epochs_in(hp.ema_ramp, hp.ema_ramp_unit, self._planned_epochs())
-        return ema_momentum_ramp(self.current_epoch, ramp, hp.ema_momentum_start, hp.ema_momentum_end)
-
     def after_optimizer_step(self) -> None:
         self.teacher.update(self.student_parts(), self.ema_momentum())
 
