@@ -11,11 +11,13 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import locale
 import os
 import warnings
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,9 +235,21 @@ def cases_from_datalist(
     return _check_unique_ids(cases, f"{path} ['{key}']")
 
 
+@contextmanager
+def process_locale_kept():
+    """GDCM switches the whole process to the C locale when it reads DICOM, which turns Python's
+    default text encoding into ASCII for every later ``open()``; put the locale back afterwards."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def dicom_series_ids(folder: Path) -> list[str]:
     """The GDCM series UIDs in ``folder`` (not recursive); exactly one is required."""
-    series = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    with process_locale_kept():
+        series = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     if not series:
         raise DataSourceError(f"{folder}: no readable DICOM series in this folder")
     if len(series) > 1:
@@ -249,9 +263,10 @@ def dicom_series_ids(folder: Path) -> list[str]:
 def _read_dicom_series(folder: Path) -> tio.ScalarImage:
     (series_id,) = dicom_series_ids(folder)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series_id))
     try:
-        image = reader.Execute()
+        with process_locale_kept():
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series_id))
+            image = reader.Execute()
     except RuntimeError as error:
         raise DataSourceError(f"{folder}: DICOM series {series_id} cannot be read ({_first_line(error)})") from error
     array, affine = sitk_to_nib(image)

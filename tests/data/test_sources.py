@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import locale
 
 import nibabel as nib
 import numpy as np
@@ -51,6 +52,7 @@ def test_dicom_series_is_read_back_with_values_and_geometry(tmp_path):
     volume = ct_volume(shape=(20, 16, 6), seed=1)
     folder = write_dicom_series(tmp_path / "series", volume, SERIES_A, spacing=(0.7, 0.8, 2.5), origin=(-10, 5, 100))
 
+    encoding_before = locale.getpreferredencoding(False).lower().replace("-", "")
     (case,) = cases_from_folder(folder)
     image = read_image(case.image)
 
@@ -60,6 +62,8 @@ def test_dicom_series_is_read_back_with_values_and_geometry(tmp_path):
     # DICOM is LPS: origin (-10, 5, 100) is (10, -5, 100) in TorchIO's RAS world.
     np.testing.assert_allclose(image.origin, (10, -5, 100), atol=1e-4)
     assert image.orientation_str == "LPS"
+    # GDCM's switch to the C locale must not leak: later text files would decode as ASCII.
+    assert locale.getpreferredencoding(False).lower().replace("-", "") == encoding_before
 
 
 def test_two_series_mixed_in_one_folder_is_an_error_naming_both(tmp_path):

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from data_modules.sources import process_locale_kept
+
 STUDY_UID = "1.2.826.0.1.3680043.2.1125.1"
 
 
@@ -56,7 +58,8 @@ def write_dicom_series(
         ):
             slice_image.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{prefix}_{k:03d}.dcm"))
-        writer.Execute(slice_image)
+        with process_locale_kept():
+            writer.Execute(slice_image)
     return folder
 
 
