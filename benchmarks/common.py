@@ -56,6 +56,9 @@ def _context() -> multiprocessing.context.BaseContext:
 def _child_main(connection, target: Callable[..., Any], args: tuple, kwargs: dict, threads: int) -> None:
     import torch
 
+    # A forkserver child inherits "forkserver" as its default start method; DataLoader workers must be
+    # forked as in an ordinary training process (else whole datasets are pickled to the fork server).
+    multiprocessing.set_start_method("fork", force=True)
     torch.set_num_threads(threads)
     start_rss = psutil.Process().memory_info().rss
     try:

@@ -190,11 +190,16 @@ def measure_ours(csv_path: str | None, datalist: str | None, cache_dir: str, pat
     iterator = iter(module.train_dataloader())
     _first(iterator, image_of)
     first_cached_s = time.perf_counter() - start
+    loader = module.train_dataloader()
+    epochs = _continue(iterator, lambda: loader)
     with MemorySampler() as training:
-        rate = drain(_continue(iterator, module.train_dataloader), image_of, min_patches, min_seconds, max_seconds)
+        rate = drain(epochs, image_of, min_patches, min_seconds, max_seconds)
+    ceiling = interleaved_rates((batch for epoch in epochs for batch in epoch),
+                                slicing_batches([v.image for v in module.train_volumes], patch), image_of,
+                                min_patches, min_seconds, max_seconds)
     return {"volumes": len(module.train_volumes), "preprocessing_s": preprocessing_s, "first_batch_cold_s": first_cold_s,
             "first_batch_cached_s": first_cached_s, **rate, "memory_one_off": one_off.report(),
-            "memory_training": training.report(),
+            "memory_training": training.report(), "interleaved_with_slicing": ceiling,
             "cached_shape": list(module.train_volumes[0].shape)}
 
 
@@ -280,38 +285,56 @@ def measure_monai_cache(paths: list[str], patch: int, min_patches: int, min_seco
             "memory_training": training.report()}
 
 
-def measure_slicing(csv_path: str | None, datalist: str | None, cache_dir: str, patch: int, min_patches: int,
-                    min_seconds: float, max_seconds: float) -> dict[str, Any]:
+def slicing_batches(paths: list, patch: int, seed: int = 0) -> Iterator:
+    """Endless batches cut from memory-mapped arrays with plain NumPy slicing: the ceiling."""
     import torch
 
+    arrays = [np.load(p, mmap_mode="r") for p in paths]
+    rng = np.random.default_rng(seed)
+    while True:
+        batch = np.empty((BATCH_SIZE, 1, patch, patch, patch), dtype=np.float32)
+        for item in range(BATCH_SIZE):
+            array = arrays[int(rng.integers(len(arrays)))]
+            a, b, c = (int(rng.integers(n - patch + 1)) for n in array.shape[1:])
+            batch[item] = array[:1, a : a + patch, b : b + patch, c : c + patch]
+        yield torch.from_numpy(batch)
+
+
+def interleaved_rates(ours: Iterator, ceiling: Iterator, image_of: Callable[[Any], Any], min_patches: int,
+                      min_seconds: float, max_seconds: float) -> dict[str, float]:
+    """Patches/s of two batch streams timed alternately (one batch each), robust to load changes."""
+    seconds = {"ours": 0.0, "slicing": 0.0}
+    patches = {"ours": 0, "slicing": 0}
+    streams = {"ours": (ours, image_of), "slicing": (ceiling, lambda batch: batch)}
+    while True:
+        for name, (stream, image) in streams.items():
+            start = time.perf_counter()
+            patches[name] += consume(image(next(stream)))
+            seconds[name] += time.perf_counter() - start
+        total = sum(seconds.values())
+        if (min(patches.values()) >= min_patches and total >= 2 * min_seconds) or total >= max_seconds:
+            break
+    rates = {f"{name}_patches_per_s": patches[name] / seconds[name] for name in seconds}
+    return {**rates, "ratio": rates["ours_patches_per_s"] / rates["slicing_patches_per_s"]}
+
+
+def measure_slicing(csv_path: str | None, datalist: str | None, cache_dir: str, patch: int, min_patches: int,
+                    min_seconds: float, max_seconds: float) -> dict[str, Any]:
     from data_modules import PretrainDataModule
     from data_modules.presets import Preprocessing
 
     module = PretrainDataModule(csv=csv_path, datalist=datalist, preprocessing=Preprocessing(**PREPROCESSING),
                                 patch_size=patch, val_fraction=0.0, cache_dir=cache_dir)
     module.setup("fit")  # the cache is warm: this only indexes it
-    paths = [v.image for v in module.train_volumes]
-    rng = np.random.default_rng(0)
-
-    def batches():
-        while True:
-            batch = np.empty((BATCH_SIZE, 1, patch, patch, patch), dtype=np.float32)
-            for item in range(BATCH_SIZE):
-                array = arrays[int(rng.integers(len(arrays)))]
-                a, b, c = (int(rng.integers(n - patch + 1)) for n in array.shape[1:])
-                batch[item] = array[:1, a : a + patch, b : b + patch, c : c + patch]
-            yield torch.from_numpy(batch)
-
     with MemorySampler() as memory:
         start = time.perf_counter()
-        arrays = [np.load(p, mmap_mode="r") for p in paths]
-        iterator = batches()
+        iterator = slicing_batches([v.image for v in module.train_volumes], patch)
         _first(iterator, lambda b: b)
         first_s = time.perf_counter() - start
-        rate = drain(_continue(iterator, batches), lambda b: b, min_patches, min_seconds, max_seconds)
+        rate = drain(_continue(iterator, lambda: iterator), lambda b: b, min_patches, min_seconds, max_seconds)
     report = memory.report()
-    return {"volumes": len(paths), "preprocessing_s": None, "first_batch_cold_s": None, "first_batch_cached_s": first_s,
-            **rate, "memory_one_off": report, "memory_training": report}
+    return {"volumes": len(module.train_volumes), "preprocessing_s": None, "first_batch_cold_s": None,
+            "first_batch_cached_s": first_s, **rate, "memory_one_off": report, "memory_training": report}
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -402,9 +425,12 @@ def summarize_runs(runs: dict[str, dict], config: DataBenchConfig, generation_s:
     def private(key: str) -> float | None:
         return runs.get(key, {}).get("memory_training", {}).get("peak_private_mb")
 
+    def interleaved(key: str) -> float | None:
+        return runs.get(key, {}).get("interleaved_with_slicing", {}).get("ratio")
+
     big = f"ct{2 * n}"
     vs_monai = ratio(rate(f"{big}/ours"), rate(f"{big}/monai_cache"))
-    vs_ceiling = ratio(rate(f"{big}/ours"), rate(f"{big}/slicing"))
+    vs_ceiling = interleaved(f"{big}/ours")
     cached_first = runs.get(f"{big}/ours", {}).get("first_batch_cached_s")
     growth = None
     if private(f"ct{n}/ours") is not None and private(f"{big}/ours") is not None:
@@ -414,7 +440,10 @@ def summarize_runs(runs: dict[str, dict], config: DataBenchConfig, generation_s:
     if private(f"ct{n}/monai_cache") is not None and private(f"{big}/monai_cache") is not None:
         monai_growth = private(f"{big}/monai_cache") - private(f"ct{n}/monai_cache")
     ratios = [["ours / MONAI CacheDataset", vs_monai, ratio(rate("phantoms/ours"), rate("phantoms/monai_cache"))],
-              ["ours / slicing ceiling", vs_ceiling, ratio(rate("phantoms/ours"), rate("phantoms/slicing"))],
+              ["ours / slicing ceiling, interleaved batch by batch in one process", vs_ceiling,
+               interleaved("phantoms/ours")],
+              ["ours / slicing ceiling, separate processes", ratio(rate(f"{big}/ours"), rate(f"{big}/slicing")),
+               ratio(rate("phantoms/ours"), rate("phantoms/slicing"))],
               ["ours / naive TorchIO", ratio(rate(f"{big}/ours"), rate(f"{big}/torchio_naive")),
                ratio(rate("phantoms/ours"), rate("phantoms/torchio_naive"))]]
     memory_rows = [["ours", private(f"ct{n}/ours"), private(f"{big}/ours"), growth],
@@ -442,7 +471,8 @@ def summarize_runs(runs: dict[str, dict], config: DataBenchConfig, generation_s:
         "targets": [
             target("data: ours vs MONAI CacheDataset (patches/s)", vs_monai, "≥ 2×",
                    None if vs_monai is None else vs_monai >= 2.0),
-            target("data: ours vs slicing ceiling", vs_ceiling, "≥ 0.75", None if vs_ceiling is None else vs_ceiling >= 0.75),
+            target("data: ours vs slicing ceiling (interleaved)", vs_ceiling, "≥ 0.75",
+                   None if vs_ceiling is None else vs_ceiling >= 0.75),
             target("data: first batch once cached (s)", cached_first, "< 2 s",
                    None if cached_first is None else cached_first < 2.0),
             target(f"data: private-memory growth {n} → {2 * n} volumes (MB)", growth,

@@ -42,6 +42,7 @@ CACHE_FORMAT_VERSION = 1
 IMAGE_FILE = "image.npy"
 LABEL_FILE = "label.npy"
 META_FILE = "meta.json"
+CHECKS_FILE = "checks.json"  # validation result of a case checked before it was preprocessed
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +235,14 @@ def _atomic_write(path: Path, write: Callable[[object], None]) -> None:
         raise
 
 
-def preprocess_case(case: Case, preprocessing: Preprocessing, cache_dir: Path, channels: int = 1) -> CachedVolume:
-    """Read, preprocess, check and store one case; returns the new cache entry."""
+def preprocess_case(
+    case: Case, preprocessing: Preprocessing, cache_dir: Path, channels: int = 1, checks: dict | None = None
+) -> CachedVolume:
+    """Read, preprocess, check and store one case; returns the new cache entry.
+
+    ``checks`` is the case's result from :mod:`data_modules.validation`, stored in the sidecar's
+    ``validation.checks`` so later runs need not re-check the unchanged files.
+    """
     key = cache_key(case, preprocessing, channels)
     image = read_image(case.image, channels=channels)
     images: dict[str, tio.Image] = {"image": image}
@@ -287,17 +294,20 @@ def preprocess_case(case: Case, preprocessing: Preprocessing, cache_dir: Path, c
             else {str(int(k)): int(n) for k, n in zip(*np.unique(label_array, return_counts=True))},
         },
     }
+    if checks is not None:
+        meta["validation"]["checks"] = checks
     _atomic_write(directory / META_FILE, lambda handle: handle.write(json.dumps(meta, indent=1).encode()))
+    (directory / CHECKS_FILE).unlink(missing_ok=True)  # its content now lives in the sidecar
     label_path = directory / LABEL_FILE if label_array is not None else None
     return CachedVolume(case_id=case.case_id, image=directory / IMAGE_FILE, label=label_path, meta=meta)
 
 
 def _preprocess_or_report(
-    case: Case, preprocessing: Preprocessing, cache_dir: Path, channels: int
+    case: Case, preprocessing: Preprocessing, cache_dir: Path, channels: int, checks: dict | None = None
 ) -> CachedVolume | str:
     """Worker entry point: the entry, or a one-line description of why this case failed."""
     try:
-        return preprocess_case(case, preprocessing, cache_dir, channels)
+        return preprocess_case(case, preprocessing, cache_dir, channels, checks)
     except (DataSourceError, PreprocessingError) as error:
         return str(error)  # these messages already name the file
     except Exception as error:  # noqa: BLE001 - every bad case must be reported together, before training
@@ -317,8 +327,11 @@ def ensure_cached(
     num_workers: int = 0,
     log_every: int = 10,
     report: Callable[[str], None] = log.info,
+    checks: Sequence[dict | None] | None = None,
 ) -> list[CachedVolume]:
     """Cache entries for all ``cases`` (same order), preprocessing the ones not cached yet.
+
+    ``checks`` (one per case, optional) are validation results stored with new entries.
 
     Misses run in a ``spawn`` process pool when ``num_workers > 1`` (spawn rather than fork
     because forking a process whose ITK/OpenMP thread pools are already running can deadlock).
@@ -343,7 +356,7 @@ def ensure_cached(
     if missing:
         report(f"preprocessing {len(missing)} of {len(cases)} case(s) into {cache_root}")
         start = time.monotonic()
-        arguments = [(cases[i], preprocessing, cache_root, channels) for i in missing]
+        arguments = [(cases[i], preprocessing, cache_root, channels, checks[i] if checks else None) for i in missing]
         if num_workers > 1 and len(missing) > 1:
             context = multiprocessing.get_context("spawn")
             workers = min(num_workers, len(missing))
@@ -361,6 +374,38 @@ def ensure_cached(
         lines = "\n".join(f"  - {case.case_id}: {problem}" for case, problem in failures)
         raise DataSourceError(f"{len(failures)} of {len(cases)} case(s) cannot be used:\n{lines}")
     return [results[i] for i in range(len(cases))]
+
+
+def cached_validation(directory: Path) -> dict | None:
+    """The validation result stored for a cache entry: the sidecar's ``validation.checks``, or the
+    ``checks.json`` a check left before the case was preprocessed."""
+    directory = Path(directory)
+    for path, keys in ((directory / META_FILE, ("validation", "checks")), (directory / CHECKS_FILE, ())):
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def record_validation(directory: Path, checks: dict) -> None:
+    """Store ``checks`` with the entry (atomically): in its sidecar when it exists, else in ``checks.json``
+    until :func:`preprocess_case` (given the same ``checks``) writes the sidecar."""
+    directory = Path(directory)
+    path = directory / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write(directory / CHECKS_FILE, lambda handle: handle.write(json.dumps(checks, indent=1).encode()))
+        return
+    if (meta.get("validation") or {}).get("checks") != checks:
+        meta.setdefault("validation", {})["checks"] = checks
+        _atomic_write(path, lambda handle: handle.write(json.dumps(meta, indent=1).encode()))
 
 
 def _progress(report: Callable[[str], None], done: int, total: int, every: int, start: float) -> None:

@@ -2,9 +2,10 @@
 
 Data path, and why:
 
-* ``prepare_data`` (one process per node) and ``setup`` (every process) discover the cases and make
-  sure each is preprocessed in the on-disk cache (:mod:`data_modules.cache`); bad cases fail there,
-  all together, before the first step.
+* ``prepare_data`` (one process per node) and ``setup`` (every process) discover the cases, check
+  them (:mod:`data_modules.validation`: readable, 3D, finite, plausible geometry; results cached)
+  and make sure each is preprocessed in the on-disk cache (:mod:`data_modules.cache`); bad cases
+  fail there, all together, before the first step - or are skipped with ``on_bad_case: skip``.
 * Training subjects are lazily loaded TorchIO subjects over the cached ``.npy`` files
   (``load_getitem=False``, reader = memory map), so only tiny unloaded subjects ever travel to
   the queue. Its sampler (:class:`~data_modules.cache.MemoryMappedUniformSampler`) cuts patches
@@ -17,6 +18,10 @@ Data path, and why:
   are therefore seen twice per epoch, on different ranks. Lightning does not reach this nested
   sampler: call :meth:`PretrainDataModule.set_epoch` at every train-epoch start (the method base
   class does), and build the Trainer with ``use_distributed_sampler=False``.
+* The training loader is a :class:`~data_modules.resumable.ResumableLoader`: each epoch's queue,
+  patch positions, shuffles, views and augmentation are a pure function of ``(seed, epoch, rank)``
+  and never touch the model's random stream, and a run resumed from a mid-epoch checkpoint
+  continues with exactly the batches the interrupted run would have seen.
 * Views and augmentation run on each popped patch in the collate function. Validation uses fixed,
   seeded patches and views and no augmentation, so its loss is comparable across epochs.
 
@@ -32,13 +37,16 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 import torchio as tio
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .cache import CachedVolume, MemoryMappedUniformSampler, ensure_cached, read_cached_array, volume_subject
 from .phantoms import ensure_phantom_cohort
 from .presets import Preprocessing, resolve_preprocessing
+from .resumable import ResumableLoader, derive_seed, lightning_batches_used
 from .sources import Case, cases_from_csv, cases_from_datalist, cases_from_folder, combine_cases, split_by_subject
+from .validation import ON_BAD_CASE_CHOICES, OnBadCase, ValidationLimits, ValidationSettings, check_and_select
 from .views import PatchAugmentation, ViewSampler, as_triple, build_view_sampler
 
 
@@ -154,6 +162,11 @@ class PretrainDataModule(L.LightningDataModule):
         phantom_cases: number of phantom cases.
         phantom_shape: phantom volume size in voxels.
         phantom_seed: phantom cohort seed.
+        on_bad_case: ``error`` (default): a case failing the data checks stops the run before the
+            first step, with every bad case listed; ``skip``: train without them - they are
+            listed in ``skipped_cases``, the run's log and the W&B config.
+        validation_limits: plausibility limits of the data checks (spacing range, maximum size,
+            minimum size relative to the ROI, label/image geometry tolerance); None = defaults.
     """
 
     def __init__(
@@ -181,8 +194,12 @@ class PretrainDataModule(L.LightningDataModule):
         phantom_cases: int = 12,
         phantom_shape: tuple[int, int, int] = (160, 160, 64),
         phantom_seed: int = 0,
+        on_bad_case: OnBadCase = "error",
+        validation_limits: ValidationLimits | None = None,
     ):
         super().__init__()
+        if on_bad_case not in ON_BAD_CASE_CHOICES:
+            raise ValueError(f"on_bad_case must be one of {ON_BAD_CASE_CHOICES}, got {on_bad_case!r}")
         for name, value, minimum in (
             ("samples_per_volume", samples_per_volume, 1),
             ("queue_length", queue_length, 1),
@@ -221,6 +238,10 @@ class PretrainDataModule(L.LightningDataModule):
         self.val_volumes: list[CachedVolume] = []
         self._epoch = 0
         self._subject_sampler: DistributedSampler | None = None
+        self.on_bad_case = on_bad_case
+        self.validation_limits = validation_limits
+        self.skipped_cases: list[dict] = []
+        self._selection: tuple | None = None
 
     def discover_cases(self) -> list[Case]:
         """All cases of the configured sources, or of the phantom cohort when none is configured."""
@@ -238,14 +259,38 @@ class PretrainDataModule(L.LightningDataModule):
             groups.append(cases_from_datalist(datalist, "training", with_labels=False))
         return combine_cases(groups)
 
+    def validation_settings(self) -> ValidationSettings:
+        """What every case is checked against (see :mod:`data_modules.validation`)."""
+        return ValidationSettings.for_preprocessing(self.preprocessing, self.patch_size, self.in_channels,
+                                                    limits=self.validation_limits)
+
+    def cases_to_check(self) -> list[Case]:
+        """Every case this configuration would read (what ``check-data`` checks)."""
+        return self.discover_cases()
+
+    def _checked_cases(self, cases: list[Case]) -> tuple[list[Case], list[dict]]:
+        """Usable cases and their check records; computed once per case list (prepare_data, then setup)."""
+        if self._selection is None or self._selection[0] != cases:
+            selection = check_and_select(cases, self.validation_settings(), self.preprocessing, self.on_bad_case,
+                                         self.cache_dir, self.preprocess_workers, rank_zero_info, rank_zero_warn)
+            self._selection = (cases, *selection)
+        _, good, checks, self.skipped_cases = self._selection
+        return good, checks
+
     def _cache(self) -> list[CachedVolume]:
+        with isolate_rng():  # whether the cache was warm must not change the training's random stream
+            return self._fill_cache()
+
+    def _fill_cache(self) -> list[CachedVolume]:
+        cases, checks = self._checked_cases(self.discover_cases())
         return ensure_cached(
-            self.discover_cases(),
+            cases,
             self.preprocessing,
             cache_dir=self.cache_dir,
             channels=self.in_channels,
             num_workers=self.preprocess_workers,
             report=rank_zero_info,
+            checks=checks,
         )
 
     def prepare_data(self) -> None:
@@ -269,8 +314,12 @@ class PretrainDataModule(L.LightningDataModule):
         if self._subject_sampler is not None:
             self._subject_sampler.set_epoch(epoch)
 
-    def build_train_loader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
-        """The training loader of one rank: a ``tio.Queue`` (sharded when ``world_size > 1``) in a DataLoader."""
+    def build_train_loader(self, rank: int = 0, world_size: int = 1) -> ResumableLoader:
+        """The training loader of one rank: a ``tio.Queue`` (sharded when ``world_size > 1``) in a DataLoader.
+
+        Wrapped in a :class:`ResumableLoader`, which rebuilds the queue and the collate generator
+        for each epoch from ``(seed, epoch, rank)`` (see the module docstring).
+        """
         subjects = tio.SubjectsDataset([volume_subject(v) for v in self._require_setup()], load_getitem=False)
         sampler = None
         if world_size > 1:
@@ -279,20 +328,32 @@ class PretrainDataModule(L.LightningDataModule):
             )
             sampler.set_epoch(self._epoch)
         self._subject_sampler = sampler
-        queue = tio.Queue(
-            subjects,
-            max_length=self.queue_length,
-            samples_per_volume=self.samples_per_volume,
-            sampler=MemoryMappedUniformSampler(self.patch_size),
-            subject_sampler=sampler,
-            num_workers=self.num_workers,
-            shuffle_subjects=sampler is None,
-            shuffle_patches=True,
-        )
-        collate = PatchCollator(self.views, self.augmentation, seed=self.seed * 1_000_003 + rank)
-        return DataLoader(queue, batch_size=self.batch_size, num_workers=0, collate_fn=collate)
 
-    def train_dataloader(self) -> DataLoader:
+        def epoch_loader(epoch: int) -> DataLoader:
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            queue = tio.Queue(
+                subjects,
+                max_length=self.queue_length,
+                samples_per_volume=self.samples_per_volume,
+                sampler=MemoryMappedUniformSampler(self.patch_size),
+                subject_sampler=sampler,
+                num_workers=self.num_workers,
+                shuffle_subjects=sampler is None,
+                shuffle_patches=True,
+                start_background=False,  # the subject loader starts inside the epoch's random stream
+            )
+            collate = PatchCollator(self.views, self.augmentation, seed=derive_seed(self.seed, epoch, rank, 1))
+            return DataLoader(queue, batch_size=self.batch_size, num_workers=0, collate_fn=collate)
+
+        return ResumableLoader(epoch_loader, self.seed, rank, self._stream_epoch,
+                               lambda: lightning_batches_used(self.trainer))
+
+    def _stream_epoch(self) -> int:
+        """The epoch a new pass over the training data belongs to: the trainer's, else the last set_epoch."""
+        return self.trainer.current_epoch if self.trainer is not None else self._epoch
+
+    def train_dataloader(self) -> ResumableLoader:
         trainer = self.trainer
         if trainer is None:
             return self.build_train_loader()

@@ -16,6 +16,11 @@ label maps and each case's original geometry), and the same per-rank TorchIO que
 * Validation / test / predict: whole preprocessed volumes, batch 1, fixed order. Under DDP each rank
   takes a disjoint slice (``cases[rank::world_size]``, no padding), so no volume is counted twice;
   the module gathers results by case id.
+* Before caching, every case is checked (:mod:`.validation`: readable, 3D, finite, label geometry
+  equal to its image's, label values within the declared classes); a bad case stops the run with
+  every problem listed, or is dropped with ``on_bad_case: skip`` (see ``skipped_cases``).
+* The training loader is a :class:`~data_modules.resumable.ResumableLoader` (patch stream a pure
+  function of ``(seed, epoch, rank)``, resumable mid-epoch), as in the pre-training module.
 * Label fractions: the labelled training subset is the first ``n`` cases of a permutation of the
   sorted case ids drawn from ``seed``: the same seed gives the same cases, and a smaller fraction's
   cases are always among a larger one's (nested subsets).
@@ -35,13 +40,16 @@ import lightning as L
 import numpy as np
 import torch
 import torchio as tio
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .cache import CachedVolume, ensure_cached, read_cached_array, volume_subject
 from .phantoms import ensure_phantom_cohort
 from .presets import Preprocessing, resolve_preprocessing
+from .resumable import ResumableLoader, derive_seed, lightning_batches_used
 from .sources import Case, DataSourceError, cases_from_csv, cases_from_datalist, cases_from_folder, split_by_subject
+from .validation import ON_BAD_CASE_CHOICES, OnBadCase, ValidationLimits, ValidationSettings, check_and_select
 from .views import as_triple
 
 FOREGROUND_MAP = "foreground"
@@ -210,6 +218,10 @@ class SegmentationDataModule(L.LightningDataModule):
         cache_dir: preprocessed-volume cache (default ``$LMIM_CACHE_DIR``).
         in_channels: image channels.
         phantom_root, phantom_cases, phantom_shape, phantom_seed: the embedded cohort.
+        on_bad_case: ``error`` (default) stops before the first step when a case fails the data
+            checks, listing every bad case; ``skip`` drops bad cases from every split and lists
+            them in ``skipped_cases`` (a labelled subset may then hold fewer cases).
+        validation_limits: plausibility limits of the data checks; None = defaults.
     """
 
     def __init__(
@@ -240,8 +252,12 @@ class SegmentationDataModule(L.LightningDataModule):
         phantom_cases: int = 12,
         phantom_shape: tuple[int, int, int] = (160, 160, 64),
         phantom_seed: int = 0,
+        on_bad_case: OnBadCase = "error",
+        validation_limits: ValidationLimits | None = None,
     ) -> None:
         super().__init__()
+        if on_bad_case not in ON_BAD_CASE_CHOICES:
+            raise ValueError(f"on_bad_case must be one of {ON_BAD_CASE_CHOICES}, got {on_bad_case!r}")
         if sum(bool(s) for s in (datalist, folder, csv)) > 1:
             raise ValueError("give one labelled source: datalist, folder or csv")
         for name, value, minimum in (("samples_per_volume", samples_per_volume, 1), ("queue_length", queue_length, 1),
@@ -280,6 +296,10 @@ class SegmentationDataModule(L.LightningDataModule):
         self._datalist_labels: dict[int, str] | None = None
         self._epoch = 0
         self._subject_sampler: DistributedSampler | None = None
+        self.on_bad_case = on_bad_case
+        self.validation_limits = validation_limits
+        self.skipped_cases: list[dict] = []
+        self._selection: tuple | None = None
 
     # ------------------------------------------------------------------ discovery
     def _datalist_path(self) -> Path | None:
@@ -323,16 +343,44 @@ class SegmentationDataModule(L.LightningDataModule):
         labelled = labelled_subset(train, self.label_fraction, self.num_labelled, self.seed)
         return {"train": labelled, "val": val, "test": test, "predict": predict}
 
-    def _cache(self) -> dict[str, list[CachedVolume]]:
-        splits = self.discover()
+    def validation_settings(self) -> ValidationSettings:
+        """What every case is checked against; the declared classes are known after :meth:`discover`."""
+        declared = None
+        if self._class_names is not None:
+            declared = len(self._class_names) + 1
+        elif self._datalist_labels:
+            declared = max(self._datalist_labels) + 1
+        return ValidationSettings.for_preprocessing(self.preprocessing, self.patch_size, self.in_channels, declared,
+                                                    self.validation_limits)
+
+    @staticmethod
+    def _unique_cases(splits: dict[str, list[Case]]) -> list[Case]:
         unique: dict[str, Case] = {}
         for group in splits.values():
             for case in group:
                 unique.setdefault(case.case_id, case)
-        volumes = ensure_cached(list(unique.values()), self.preprocessing, cache_dir=self.cache_dir,
-                                channels=self.in_channels, num_workers=self.num_workers, report=rank_zero_info)
+        return list(unique.values())
+
+    def cases_to_check(self) -> list[Case]:
+        """Every case this configuration would read, once (what ``check-data`` checks)."""
+        return self._unique_cases(self.discover())
+
+    def _cache(self) -> dict[str, list[CachedVolume]]:
+        with isolate_rng():  # whether the cache was warm must not change the training's random stream
+            return self._fill_cache()
+
+    def _fill_cache(self) -> dict[str, list[CachedVolume]]:
+        splits = self.discover()
+        unique = self._unique_cases(splits)
+        if self._selection is None or self._selection[0] != unique:
+            selection = check_and_select(unique, self.validation_settings(), self.preprocessing, self.on_bad_case,
+                                         self.cache_dir, self.num_workers, rank_zero_info, rank_zero_warn)
+            self._selection = (unique, *selection)
+        _, good, checks, self.skipped_cases = self._selection
+        volumes = ensure_cached(good, self.preprocessing, cache_dir=self.cache_dir, channels=self.in_channels,
+                                num_workers=self.num_workers, report=rank_zero_info, checks=checks)
         by_id = {v.case_id: v for v in volumes}
-        return {name: [by_id[c.case_id] for c in group] for name, group in splits.items()}
+        return {name: [by_id[c.case_id] for c in group if c.case_id in by_id] for name, group in splits.items()}
 
     def prepare_data(self) -> None:
         """Generate the phantoms if needed and fill the cache (once per node)."""
@@ -343,7 +391,7 @@ class SegmentationDataModule(L.LightningDataModule):
             self.splits = self._cache()
             rank_zero_info(
                 f"segmentation data: {len(self.splits['train'])} labelled training case(s) of {len(self.all_train_cases)} "
-                f"(label_fraction={self.label_fraction}, num_labelled={self.num_labelled}, seed={self.seed}), "
+                f"(fraction {len(self.splits['train']) / max(len(self.all_train_cases), 1):.3g}, seed {self.seed}), "
                 f"{len(self.splits['val'])} validation, {len(self.splits['test'])} test"
             )
 
@@ -411,7 +459,8 @@ class SegmentationDataModule(L.LightningDataModule):
         if self._subject_sampler is not None:
             self._subject_sampler.set_epoch(epoch)
 
-    def build_train_loader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+    def build_train_loader(self, rank: int = 0, world_size: int = 1) -> ResumableLoader:
+        """One rank's training loader: a label-sampling queue per epoch, rebuilt from ``(seed, epoch, rank)``."""
         half = tuple(p // 2 for p in self.patch_size)
         transform = tio.Compose([AddForegroundMap(), tio.Pad(tuple(h for h in half for _ in (0, 1)), padding_mode="minimum")])
         subjects = tio.SubjectsDataset([volume_subject(v, with_label=True) for v in self._split("train")], transform=transform)
@@ -422,20 +471,31 @@ class SegmentationDataModule(L.LightningDataModule):
             sampler.set_epoch(self._epoch)
         self._subject_sampler = sampler
         pos = self.pos_neg_ratio / (1.0 + self.pos_neg_ratio)
-        queue = tio.Queue(
-            subjects,
-            max_length=self.queue_length,
-            samples_per_volume=self.samples_per_volume,
-            sampler=tio.LabelSampler(self.patch_size, FOREGROUND_MAP, {0: 1.0 - pos, 1: pos}),
-            subject_sampler=sampler,
-            num_workers=self.num_workers,
-            shuffle_subjects=sampler is None,
-            shuffle_patches=True,
-        )
-        collate = SegmentationCollator(self.augmentation, seed=self.seed * 1_000_003 + rank)
-        return DataLoader(queue, batch_size=self.batch_size, num_workers=0, collate_fn=collate)
 
-    def train_dataloader(self) -> DataLoader:
+        def epoch_loader(epoch: int) -> DataLoader:
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            queue = tio.Queue(
+                subjects,
+                max_length=self.queue_length,
+                samples_per_volume=self.samples_per_volume,
+                sampler=tio.LabelSampler(self.patch_size, FOREGROUND_MAP, {0: 1.0 - pos, 1: pos}),
+                subject_sampler=sampler,
+                num_workers=self.num_workers,
+                shuffle_subjects=sampler is None,
+                shuffle_patches=True,
+                start_background=False,  # the subject loader starts inside the epoch's random stream
+            )
+            collate = SegmentationCollator(self.augmentation, seed=derive_seed(self.seed, epoch, rank, 1))
+            return DataLoader(queue, batch_size=self.batch_size, num_workers=0, collate_fn=collate)
+
+        return ResumableLoader(epoch_loader, self.seed, rank, self._stream_epoch,
+                               lambda: lightning_batches_used(self.trainer))
+
+    def _stream_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else self._epoch
+
+    def train_dataloader(self) -> ResumableLoader:
         trainer = self.trainer
         if trainer is None:
             return self.build_train_loader()

@@ -47,8 +47,7 @@ class EMATeacher(nn.Module):
         """One EMA step with momentum ``m``; buffers (e.g. norm statistics) are copied."""
         teacher, source = self._pairs(student)
         if teacher:
-            torch._foreach_mul_(teacher, momentum)
-            torch._foreach_add_(teacher, source, alpha=1.0 - momentum)
+            torch._foreach_lerp_(teacher, source, 1.0 - momentum)  # θ_T + (1 − m)(θ_S − θ_T): one pass
         student_buffers = dict(student.named_buffers())
         for name, buf in self.module.named_buffers():
             if name in student_buffers:

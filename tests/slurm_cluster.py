@@ -12,6 +12,7 @@ multiple-slurmd support); their names do not resolve, so jobs must get MASTER_AD
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -145,6 +146,8 @@ class LocalSlurmCluster:
             "KillWait=5",
             "MinJobAge=600",
             "InactiveLimit=0",
+            # Job ids (and so the templates' MASTER_PORT) differ between clusters running side by side.
+            f"FirstJobId={random.randint(1000, 900000)}",
         ]
         for name, port in zip(self.nodes, node_ports):
             lines.append(f"NodeName={name} NodeAddr=127.0.0.1 NodeHostname=localhost Port={port} "

@@ -1,6 +1,7 @@
 """SegmentationDataModule (label fractions, sampling, sharding) and SegmentationModule (optimisation, CLI runs)."""
 
 import csv
+import json
 import types
 from pathlib import Path
 
@@ -171,7 +172,7 @@ def test_fit_test_predict_through_the_cli(tmp_path, data_dirs):
     checkpoint = run / "checkpoints" / "last.ckpt"
     assert checkpoint.is_file()
     state = torch.load(checkpoint, weights_only=False)
-    (monitor,) = [v for k, v in state["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    (monitor,) = [v for k, v in state["callbacks"].items() if "val/dice" in k]
     assert monitor["monitor"] == "val/dice" and 0.0 <= float(monitor["best_model_score"]) <= 1.0  # validation ran
     assert state["global_step"] == 4
 
@@ -193,3 +194,24 @@ def test_fit_test_predict_through_the_cli(tmp_path, data_dirs):
     reference, written = nib.load(next(source)), nib.load(predictions[0])
     assert written.shape == reference.shape and np.allclose(written.affine, reference.affine, atol=1e-4)
     assert set(np.unique(np.asarray(written.dataobj))) <= set(range(9))
+
+
+def test_btcv_style_datalist_with_a_validation_list_and_full_organ_names(data_dirs, tmp_path):
+    phantoms = phantom_module(data_dirs)  # generates the cohort; reuse its files in a dataset_0.json layout
+    cases = sorted(phantoms.all_train_cases + [Case(v.case_id, Path(v.meta["source"]["image"]), Path(v.meta["source"]["label"]))
+                                               for v in phantoms.splits["val"]], key=lambda c: c.case_id)
+    entry = lambda c: {"image": str(c.image), "label": str(c.label)}  # noqa: E731
+    organs = ["liver", "spleen", "right kidney", "left kidney", "aorta", "stomach", "pancreas", "spine"]
+    datalist = {"labels": {"0": "background", **{str(i): name for i, name in enumerate(organs, start=1)}},
+                "training": [entry(c) for c in cases[:4]], "validation": [entry(c) for c in cases[4:]],
+                "test": [str(tmp_path / "unlabelled.nii.gz")]}
+    (tmp_path / "unlabelled.nii.gz").write_bytes(cases[0].image.read_bytes())
+    (tmp_path / "dataset_0.json").write_text(json.dumps(datalist))
+    dm = SegmentationDataModule(datalist=str(tmp_path / "dataset_0.json"), patch_size=32, num_workers=0,
+                                predict_key="test", cache_dir=data_dirs["cache_dir"], label_fraction=0.5)
+    dm.setup()
+    assert [v.case_id for v in dm.splits["val"]] == [c.case_id for c in cases[4:]]
+    assert len(dm.splits["train"]) == 2 and len(dm.splits["predict"]) == 1 and dm.splits["predict"][0].label is None
+    assert dm.class_names == ["background", *organs] and dm.num_classes == 9
+    named = SegmentationDataModule(datalist=str(tmp_path / "dataset_0.json"), class_names=list("abcdefgh"), patch_size=32)
+    assert named.class_names == ["background", *"abcdefgh"]

@@ -2,8 +2,8 @@
 
 One test, two jobs, both running 2-process DDP on CPU through ``srun`` with the tiny MAE:
 
-* ``pretrain_single_node.sbatch`` (1 node x 2 tasks) must complete, both ranks logging to the W&B
-  run ``slurm-<job id>``;
+* ``pretrain_single_node.sbatch`` (1 node x 2 tasks) must complete, the ranks training on disjoint
+  subjects to identical weights and logging to the W&B run ``slurm-<job id>``;
 * ``pretrain_multi_node.sbatch`` (2 nodes x 1 task) is sent SIGUSR1 while it waits after step 1:
   Lightning saves ``hpc_ckpt_1.ckpt`` in the run folder and requeues the job; the restarted job must
   resume at the saved global step, finish, and log to the same W&B run.
@@ -15,7 +15,6 @@ and no apt-get. Run with ``make test-slurm`` (also part of ``make test``).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,7 +54,7 @@ def submit(cluster: LocalSlurmCluster, template: str, work: Path, tasks_per_node
         *probe_args,
     ]
     env = cluster.env({
-        "CONFIG": "experiments/mae.yaml tests/configs/ddp_mae.yaml tests/configs/ddp_common.yaml",
+        "CONFIG": "experiments/mae.yaml tests/configs/mae_tiny.yaml tests/configs/ddp_common.yaml",
         "TRAINER": "experiments/trainer/cpu.yaml",
         "EXTRA_ARGS": "--trainer.strategy ddp",
         "PYTHON": sys.executable,
@@ -148,12 +147,18 @@ def test_sbatch_templates_train_requeue_and_resume(cluster, tmp_path):
     total = time.monotonic() - started
     print(f"SLURM test: requeue turnaround {requeue_delay:.1f} s, both jobs done in {total:.1f} s")
 
-    # ---- the single-node job: 2 ranks on one node, one W&B run named after the job.
+    # ---- the single-node job: 2 ranks on one node training MAE on disjoint subjects to identical
+    # weights, one W&B run named after the job.
     ranks = records(finished_work, 0)
     for rank, record in enumerate(ranks):
         assert record["rank"] == rank and record["world_size"] == 2 and record.get("finished")
         assert record["slurm_job_id"] == single and record["run_id"] == f"slurm-{single}"
         assert record["global_step"] == FINAL_STEP
+    for epoch in range(2):
+        seen = [{c for b in record["batches"] if b["epoch"] == epoch for c in b["case_ids"]} for record in ranks]
+        assert seen[0] and seen[1] and not seen[0] & seen[1], f"epoch {epoch}: subjects per rank {seen}"
+    weights = [torch.load(finished_work / "probe" / f"rank{r}-attempt0.pt", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), "the ranks ended with different weights"
     (single_run,) = offline_runs(finished_work / "runs")
     run_id, steps = logged_run(single_run)
     assert run_id == f"slurm-{single}" and steps and max(steps) == FINAL_STEP - 1

@@ -111,9 +111,13 @@ def test_compare_methods_grid_runs_every_method_with_its_seed(monkeypatch, tmp_p
     grid = sweep["parameters"]["config"]["values"]
     assert set(recipes.values()) <= {recipes.get(path) for path in grid}, "a pre-training method is missing from the grid"
 
+    seeds = sweep["parameters"]["seed_everything"]["values"]
     trials = grid_trials(sweep)
-    assert len(trials) == len(grid) * len(sweep["parameters"]["seed_everything"]["values"])
-    for trial in trials:
+    assert len(trials) == len(grid) * len(seeds)
+    # Every method once, the seeds taking turns: each config file and each seed value is exercised.
+    covering = [{"config": path, "seed_everything": seeds[i % len(seeds)]} for i, path in enumerate(grid)]
+    assert all(trial in trials for trial in covering)
+    for trial in covering:
         command, _ = agent_command(sweep, trial, monkeypatch, tmp_path)
         config = resolved_config(command, monkeypatch, capsys)
         assert config["model"]["class_path"] == recipes[trial["config"]], trial
@@ -122,11 +126,13 @@ def test_compare_methods_grid_runs_every_method_with_its_seed(monkeypatch, tmp_p
         assert config["trainer"]["logger"]["init_args"]["offline"] is False
         assert config["trainer"]["logger"]["init_args"]["group"] == "compare-methods"
 
-    command, env = agent_command(sweep, trials[-1], monkeypatch, tmp_path)
+    # The agent's exact process, for a trial whose seed differs from the one in its method file.
+    trial = next(t for t in covering if yaml.safe_load((REPO / t["config"]).read_text()).get("seed_everything") != t["seed_everything"])
+    command, env = agent_command(sweep, trial, monkeypatch, tmp_path)
     assert command[:2] == ["/usr/bin/env", "python"]
     config = run_agent_command(command, env)
-    assert config["model"]["class_path"] == recipes[trials[-1]["config"]]
-    assert config["seed_everything"] == trials[-1]["seed_everything"]
+    assert config["model"]["class_path"] == recipes[trial["config"]]
+    assert config["seed_everything"] == trial["seed_everything"]
 
 
 def test_mae_sweep_sets_mask_ratio_lr_and_boolean(monkeypatch, tmp_path, capsys):

@@ -75,3 +75,14 @@ def test_visuals_are_built_only_when_the_panel_callback_asks():
     assert model.shared_step({"image": torch.rand(1, 1, 32, 32, 32)}).visuals == {}
     model.capture_visuals = True
     assert set(model.shared_step({"image": torch.rand(1, 1, 32, 32, 32)}).visuals) == {"input", "masked", "reconstruction"}
+
+
+def test_patch_embedding_equals_its_strided_convolution_and_embeds_only_visible_patches():
+    torch.manual_seed(0)
+    vit = ViT3D((32, 48, 16), 16, 2, 48, 1, 2)
+    x = torch.randn(2, 2, 32, 48, 16)
+    reference = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)  # the Conv3d the weights belong to
+    assert torch.allclose(vit.patch_embed(x), reference, atol=1e-5)
+    visible = visible_indices(random_mask(2, 6, 4))
+    expected = torch.gather(reference, 1, visible.unsqueeze(-1).expand(-1, -1, 48))
+    assert torch.allclose(vit.patch_embed(x, visible), expected, atol=1e-5)

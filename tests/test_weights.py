@@ -288,3 +288,50 @@ def test_layer_ids_order_the_encoder_for_layer_decay(mae_file):
     assert depth["vit.patch_embedding.patch_embeddings.weight"] == 0
     assert depth["vit.blocks.0.attn.qkv.weight"] == 1 and depth["vit.blocks.11.mlp.linear2.bias"] == 12
     assert depth["out.conv.conv.weight"] == top == 14
+
+
+def test_segmentation_module_builds_its_network_from_the_file_alone(mae_file):
+    from lightning_mim.segmentation.module import SegmentationModule
+
+    _, file, path = mae_file
+    model = SegmentationModule(num_classes=4, pretrained=str(path), roi_size=32, network_kwargs={"feature_size": 8})
+    assert isinstance(model.network, UNETR) and model.method_name == "mae3d" and model.load_report.ok
+    assert torch.equal(model.network.vit.blocks[5].attn.qkv.weight, file.state_dict["vit.blocks.5.attn.qkv.weight"])
+    assert model(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 4, 32, 32, 32)
+
+
+# (experiment recipe, its tiny test overrides): every pre-training method's export must load into its network.
+METHOD_CONFIGS = [("selfmedhpm", "selfmedhpm_tiny"), ("simmim", "simmim_tiny"), ("smit", "smit_tiny"),
+                  ("anatomask", "anatomask_tiny"), ("hybridmim_swin", "hybridmim_swin_tiny"),
+                  ("hybridmim_unet", "hybridmim_unet_tiny")]
+
+
+@pytest.mark.parametrize(("recipe", "tiny"), METHOD_CONFIGS)
+def test_every_method_export_loads_strictly_into_its_segmentation_network(recipe, tiny):
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    from lightning_mim.segmentation.module import resolve_network
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "tests" / "configs" / f"{tiny}.yaml").is_file():
+        pytest.skip(f"tests/configs/{tiny}.yaml is gone; update METHOD_CONFIGS")
+    model_config = yaml.safe_load((root / "experiments" / f"{recipe}.yaml").read_text())["model"]
+    overrides = (yaml.safe_load((root / "tests" / "configs" / f"{tiny}.yaml").read_text()).get("model") or {}).get("init_args", {})
+    args = {**model_config["init_args"], **overrides}
+    if "depth" in args:  # ViT methods: UNETR always builds 12 blocks of 16³ patches
+        args.update(depth=12, patch_size=16)
+    module_name, _, class_name = model_config["class_path"].rpartition(".")
+    torch.manual_seed(0)
+    method = getattr(importlib.import_module(module_name), class_name)(**args)
+    file = export_module(method)
+    target, kwargs, notes = resolve_network(file, None, None)
+    kwargs.pop("in_channels", None)
+    roi = file.meta.get("roi_size") or file.meta.get("img_size")
+    network = build_network(target, 1, 3, roi, **kwargs)
+    report = load_pretrained(network, file, log=None)
+    assert report.ok and not notes and len(report.loaded) == len(file.state_dict)
+    state = network.state_dict()  # AnatoMask writes bare encoder keys; the loader adds the "encoder." prefix
+    assert all(torch.equal(state[k if k in state else f"encoder.{k}"], v) for k, v in file.state_dict.items())

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -47,16 +48,27 @@ def sincos_position_embedding_3d(grid: Sequence[int], dim: int, temperature: flo
 
 
 class PatchEmbed3D(nn.Module):
-    """Non-overlapping ``p³`` patches → tokens (``B, L, dim``) in row-major order."""
+    """Non-overlapping ``p³`` patches → tokens (``B, L, dim``) in row-major order.
+
+    The weights are a ``p³``-stride ``Conv3d`` (the layout MONAI's ViT loads), applied as one
+    matrix product on the unfolded patches: identical results, several times faster on CPU than the
+    strided convolution, and with ``visible`` only the kept patches are embedded (MAE skips 75%).
+    """
 
     def __init__(self, patch_size: int, in_channels: int, dim: int) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: Tensor) -> Tensor:
-        grid_shape(x.shape[2:], self.patch_size)
-        return self.proj(x).flatten(2).transpose(1, 2)
+    def forward(self, x: Tensor, visible: Tensor | None = None) -> Tensor:
+        """Tokens of every patch, or only of the ``visible`` ones (``B, n`` long indices)."""
+        g0, g1, g2 = grid_shape(x.shape[2:], self.patch_size)
+        b, c, p = x.shape[0], x.shape[1], self.patch_size
+        # (B, C, g0, p, g1, p, g2, p) → (B, g0·g1·g2, C·p³): each row in the flattened Conv3d kernel's order.
+        patches = x.reshape(b, c, g0, p, g1, p, g2, p).permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, g0 * g1 * g2, -1)
+        if visible is not None:
+            patches = torch.gather(patches, 1, visible.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class ViT3D(nn.Module):
@@ -120,9 +132,10 @@ class ViT3D(nn.Module):
         """
         if tuple(x.shape[2:]) != self.img_size:
             raise ValueError(f"ViT3D was built for inputs of {self.img_size}, got {tuple(x.shape[2:])}")
-        tokens = self.patch_embed(x) + self.pos_embed.to(x.dtype)
+        positions = self.pos_embed.to(x.dtype).expand(x.shape[0], -1, -1)
         if visible is not None:
-            tokens = torch.gather(tokens, 1, visible.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+            positions = torch.gather(positions, 1, visible.unsqueeze(-1).expand(-1, -1, positions.shape[-1]))
+        tokens = self.patch_embed(x, visible) + positions
         if self.cls_token is not None:
             tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         for block in self.blocks:

@@ -30,6 +30,9 @@ from lightning_mim.segmentation.weights import EncoderFile, LoadReport, load_pre
 
 TEST_CSV = "test_metrics.csv"
 TEST_SUMMARY = "test_summary.md"
+#: Constructor arguments that only affect evaluation; not saved as hyper-parameters (see __init__).
+EVALUATION_SETTINGS = ("sw_batch_size", "sw_overlap", "sw_mode", "sw_sigma_scale", "sw_stitch_device", "val_hd95",
+                       "test_hd95", "prediction_dir")
 
 
 def resolve_network(file: EncoderFile | None, network: str | None,
@@ -93,6 +96,9 @@ class SegmentationModule(L.LightningModule):
         val_hd95: also compute HD95 at validation (slow); test always reports it when ``test_hd95``.
         test_hd95: HD95 at test.
         prediction_dir: where ``predict`` writes NIfTI label maps; default ``<run folder>/predictions``.
+
+    The ``sw_*``, ``*_hd95`` and ``prediction_dir`` settings are not stored in checkpoints, so
+    ``test``/``predict --ckpt_path ...`` take them from the command line.
     """
 
     def __init__(
@@ -123,13 +129,20 @@ class SegmentationModule(L.LightningModule):
         prediction_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Evaluation settings stay out of the checkpoint: LightningCLI re-applies a checkpoint's hyper-parameters
+        # over the command line at test/predict time, which would make them impossible to change there.
+        self.save_hyperparameters(ignore=list(EVALUATION_SETTINGS))
+        self.sw_batch_size, self.sw_overlap, self.sw_mode = sw_batch_size, sw_overlap, sw_mode
+        self.sw_sigma_scale, self.sw_stitch_device = sw_sigma_scale, sw_stitch_device
+        self.val_hd95, self.test_hd95, self.prediction_dir = val_hd95, test_hd95, prediction_dir
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
         if not 0.0 < layer_decay <= 1.0:
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
         if freeze_encoder_epochs < 0:
             raise ValueError(f"freeze_encoder_epochs must be >= 0, got {freeze_encoder_epochs}")
+        if not 0.0 <= sw_overlap < 1.0 or sw_batch_size < 1:
+            raise ValueError(f"need 0 <= sw_overlap < 1 and sw_batch_size >= 1, got {sw_overlap} and {sw_batch_size}")
         file = read_pretrained(pretrained) if pretrained else None
         self.network_name, kwargs, notes = resolve_network(file, network, network_kwargs)
         for note in notes:
@@ -174,9 +187,8 @@ class SegmentationModule(L.LightningModule):
     # ------------------------------------------------------------------ evaluation
     def predict_volume(self, image: Tensor) -> Tensor:
         """Class map ``B×D×H×W`` of whole volumes by sliding windows of the ROI."""
-        hp = self.hparams
-        logits = sliding_window_logits(self.network, image, self.roi_size, hp.sw_batch_size, hp.sw_overlap, hp.sw_mode,
-                                       hp.sw_sigma_scale, hp.sw_stitch_device)
+        logits = sliding_window_logits(self.network, image, self.roi_size, self.sw_batch_size, self.sw_overlap,
+                                       self.sw_mode, self.sw_sigma_scale, self.sw_stitch_device)
         return logits.argmax(dim=1)
 
     def _evaluate(self, batch: dict[str, Any], hd95: bool) -> None:
@@ -209,7 +221,7 @@ class SegmentationModule(L.LightningModule):
         self._results = []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.hparams.val_hd95)
+        self._evaluate(batch, self.val_hd95)
 
     def on_validation_epoch_end(self) -> None:
         results = gather_by_case(self._results)
@@ -221,7 +233,7 @@ class SegmentationModule(L.LightningModule):
         self._results = []
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.hparams.test_hd95)
+        self._evaluate(batch, self.test_hd95)
 
     def on_test_epoch_end(self) -> None:
         results = gather_by_case(self._results)
@@ -249,7 +261,7 @@ class SegmentationModule(L.LightningModule):
         if not hasattr(datamodule, "original_geometry"):
             raise RuntimeError("predict needs a data module that knows each case's original geometry "
                                "(data_modules.segmentation.SegmentationDataModule)")
-        folder = Path(self.hparams.prediction_dir) if self.hparams.prediction_dir else self.run_folder() / "predictions"
+        folder = Path(self.prediction_dir) if self.prediction_dir else self.run_folder() / "predictions"
         prediction = self.predict_volume(batch["image"])
         written = []
         for i, case_id in enumerate(batch["case_id"]):

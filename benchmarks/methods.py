@@ -1,0 +1,466 @@
+"""Methods: train-step time and memory of every pre-training method, its overhead, and MAE-3D vs MONAI.
+
+A *step* is what Lightning's automatic optimisation runs: ``shared_step`` (masking, teacher,
+losses, panel volumes), ``backward``, ``on_before_optimizer_step``, the module's own AdamW
+(``configure_optimizers``), and ``after_optimizer_step`` (EMA teacher update). Inputs are batch 2
+of random volumes (two views per item for SMIT).
+
+Overhead: each method is timed, interleaved in the same process, next to
+
+* **bare** — the networks the method trains (encoder, decoders, heads) on the same input with a
+  fixed mask and a plain loss, forward + backward + the same AdamW step: what any framework must
+  spend to train those networks;
+* **extra** — the method's additional gradient-free forward (EMA teacher, HybridMIM's dropout
+  twin), which is part of the method's definition, not bookkeeping.
+
+``step / bare`` is the overhead ratio; ``step / (bare + extra)`` shows how much of it is masking and
+bookkeeping once the teacher's own compute is accounted for.
+
+Methods come from :data:`METHODS`: one line per method (class, benchmark size, kind of bare step);
+a method whose module does not import yet is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from benchmarks.common import interleaved_timings, ratio, run_isolated, table, target
+
+BATCH_SIZE = 2
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One benchmarked method: import path, constructor arguments (ROI added per run), bare-step kind."""
+
+    name: str
+    cls: str
+    kwargs: dict[str, Any]
+    size: str  # "recipe" or how and why the model was shrunk
+    bare: str  # key of BARE_STEPS
+    views: bool = False  # the batch carries two views per item (SMIT)
+    quick: dict[str, Any] = field(default_factory=dict)  # --quick: tiny overrides to debug the script fast
+
+    def load(self) -> type:
+        module, _, name = self.cls.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+
+_VIT_B = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_dim=384, decoder_depth=8, decoder_heads=12)
+_VIT_TINY = dict(embed_dim=96, depth=2, num_heads=2, decoder_dim=48, decoder_depth=1, decoder_heads=2)
+#: Swin and CNN methods at recipe widths take 10–90 s per 96³ step on 2 CPU cores (the whole benchmark must
+#: fit in ~20 min), so they run at documented small widths; the ViT methods run at their recipe size.
+_SWIN_SMALL = dict(feature_size=12, depths=[1, 1, 1, 1])
+
+METHODS: list[MethodSpec] = [
+    MethodSpec("MAE-3D", "lightning_mim.methods.mae.MAE3D", dict(_VIT_B), "recipe: ViT-B/16, decoder 384/8", "vit_mae",
+               quick=_VIT_TINY),
+    MethodSpec("SimMIM-3D", "lightning_mim.methods.simmim.SimMIM3D", dict(encoder="swin_unetr", **_SWIN_SMALL),
+               "small: Swin F 12, 1 block/stage (recipe F 48, 2-2-2-2)", "swin_simmim"),
+    MethodSpec("SMIT", "lightning_mim.methods.smit.SMIT",
+               dict(encoder="swin_smit", feature_size=24, depths=[1, 1, 1, 1], drop_path_rate=0.0),
+               "small: Swin F 24, 1 block/stage, no drop-path (recipe F 48, 2-2-4-2, 0.3); DINO heads as recipe",
+               "smit", views=True, quick=dict(feature_size=12, out_dim=512, head_hidden_dim=256, head_bottleneck_dim=64)),
+    MethodSpec("SelfMedHPM", "lightning_mim.methods.selfmedhpm.SelfMedHPM",
+               dict(_VIT_B, predictor_dim=384, predictor_depth=8, predictor_heads=12),
+               "recipe: ViT-B/16, decoder and loss predictor 384/8", "vit_hpm",
+               quick=dict(_VIT_TINY, predictor_dim=48, predictor_depth=1, predictor_heads=2)),
+    MethodSpec("AnatoMask", "lightning_mim.methods.anatomask.AnatoMask",
+               dict(encoder_dims=[8, 16, 32, 64, 128], decoder_width=128),
+               "small: STU-Net widths 8…128, decoder 128 (recipe 32…512 / 512 at 112×112×128)", "spark",
+               quick=dict(encoder_dims=[4, 8, 16, 32, 64], decoder_width=64)),
+    MethodSpec("HybridMIM (Swin)", "lightning_mim.methods.hybridmim.HybridMIM",
+               dict(backbone="swin", **_SWIN_SMALL), "small: Swin UNETR F 12, 1 block/stage (recipe F 48, 2-2-2-2)",
+               "hybrid"),
+    MethodSpec("HybridMIM (UNet)", "lightning_mim.methods.hybridmim.HybridMIM",
+               dict(backbone="unet", unet_channels=[8, 8, 16, 32, 64]), "small: DeepUNet channels 8…64 (recipe 64…512)",
+               "hybrid", quick=dict(unet_channels=[4, 4, 8, 8, 16])),
+]
+
+#: MAE-3D at the dimensions of the MONAI comparison (hidden 384, 6 layers, 6 heads; decoder 192 / 2 layers).
+MAE_MONAI_DIMS = MethodSpec(
+    "MAE-3D (MONAI dims)", "lightning_mim.methods.mae.MAE3D",
+    dict(patch_size=16, embed_dim=384, depth=6, num_heads=6, decoder_dim=192, decoder_depth=2, decoder_heads=6,
+         mask_ratio=0.75), "hidden 384, 6×6 heads, decoder 192/2", "vit_mae")
+
+
+def spec_named(name: str) -> MethodSpec:
+    for spec in [*METHODS, MAE_MONAI_DIMS]:
+        if spec.name == name:
+            return spec
+    raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- building one step
+def stub_trainer() -> SimpleNamespace:
+    """What the modules read from a Trainer during a step (schedules, teacher momentum)."""
+    return SimpleNamespace(estimated_stepping_batches=10_000, max_epochs=100, num_training_batches=100,
+                           global_step=0, current_epoch=0, datamodule=None)
+
+
+def build_method(spec: MethodSpec, roi: int | tuple[int, int, int], **overrides: Any):
+    """(module in train mode, its AdamW from ``configure_optimizers``, a batch); ``roi`` is a side or 3 sides."""
+    torch.manual_seed(0)
+    module = spec.load()(img_size=roi, **{**spec.kwargs, **overrides})
+    module._trainer = stub_trainer()
+    module.train()
+    optimizer = module.configure_optimizers()["optimizer"]
+    size = (roi,) * 3 if isinstance(roi, int) else tuple(roi)
+    images = torch.rand(BATCH_SIZE, 2 if spec.views else 1, 1, *size)
+    batch = {"image": images[:, 0], "case_id": [str(i) for i in range(BATCH_SIZE)]}
+    if spec.views:
+        batch["views"] = images
+    return module, optimizer, batch
+
+
+def method_step(module, optimizer, batch) -> Callable[[], Tensor]:
+    def step() -> Tensor:
+        loss = module.shared_step(batch).losses["loss"]
+        loss.backward()
+        module.on_before_optimizer_step(optimizer)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        module.after_optimizer_step()
+        return loss.detach()
+
+    return step
+
+
+def optimizer_step(loss_fn: Callable[[], Tensor], optimizer) -> Callable[[], Tensor]:
+    def step() -> Tensor:
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+# --------------------------------------------------------------------------- bare networks per kind
+# Each returns (loss function of the trained networks with a fixed mask, gradient-free extra forward or None).
+def _bare_vit(module, batch, predictor: bool):
+    from lightning_mim.masking.grid import patchify
+    from lightning_mim.masking.random import random_mask, visible_indices
+
+    images, enc = batch["image"], module.encoder
+    mask = random_mask(images.shape[0], enc.num_patches, module.num_masked)
+    visible = visible_indices(mask)
+    target = patchify(images, enc.patch_size)
+
+    def loss() -> Tensor:
+        latent = enc(images, visible)
+        value = F.mse_loss(module.decoder(latent, visible, enc.num_prefix_tokens), target)
+        if predictor:
+            value = value + module.loss_predictor(latent, visible, enc.num_prefix_tokens).mean()
+        return value
+
+    extra = (lambda: module.teacher_predicted_loss(images)) if predictor else None
+    return loss, extra
+
+
+def _bare_simmim(module, batch):
+    from lightning_mim.masking.random import random_cell_mask
+
+    images = batch["image"]
+    cell_mask = random_cell_mask(images.shape[0], module.encoder.cell_grid, module.mask_ratio)
+    return (lambda: F.l1_loss(module.reconstruct(images, cell_mask), images)), None
+
+
+def _bare_smit(module, batch):
+    from lightning_mim.masking.random import random_cell_mask
+
+    views = batch["views"]
+    stacked = views.transpose(0, 1).reshape(-1, *views.shape[2:])
+    encoder = module.encoder
+    token_mask = encoder.token_mask(random_cell_mask(stacked.shape[0], encoder.cell_grid, module.hparams.mask_ratio))
+
+    def loss() -> Tensor:
+        out = module.student(stacked, token_mask)
+        pred = module.mip_head(encoder.proj_out(out.bottleneck, module.hparams.normalize_bottleneck))
+        return F.l1_loss(pred, stacked) + out.cls_logits.mean() + out.patch_logits.mean()
+
+    @torch.no_grad()
+    def extra() -> None:
+        module.teacher(stacked)
+
+    return loss, extra
+
+
+def _bare_spark(module, batch):
+    from lightning_mim.masking.grid import patchify, unflatten_mask
+    from lightning_mim.masking.random import random_mask
+
+    images = batch["image"]
+    mask = unflatten_mask(random_mask(images.shape[0], module.num_cells, module.num_masked), module.grid)
+    target = patchify(images, module.cell)
+
+    def loss() -> Tensor:
+        return F.mse_loss(patchify(module.network(images, mask), module.cell), target)
+
+    @torch.no_grad()
+    def extra() -> None:
+        module.teacher(images, mask)
+
+    return loss, extra
+
+
+def _bare_hybrid(module, batch):
+    from lightning_mim.masking.random import random_cell_mask
+    from lightning_mim.masking.regions import fill_masked_voxels
+
+    images = batch["image"]
+    mask = random_cell_mask(images.shape[0], module.cell_grid, module.hparams.mask_ratio, rounding="floor", by_keep=True)
+    masked = fill_masked_voxels(images, mask, module.mask_patch_size, module.hparams.fill)
+    box = module.choose_box()
+
+    def loss() -> Tensor:
+        features = module.encode(masked)
+        reconstruction = module.decode(masked, features, box)
+        regions = module.region_features(features[-1])
+        heads = module.count_head(regions).mean() + module.location_head(regions).mean()
+        return reconstruction.square().mean() + heads + module.projection(module.embedding(features[-1])).mean()
+
+    @torch.no_grad()
+    def extra() -> None:
+        module.encode(masked)
+
+    return loss, extra
+
+
+BARE_STEPS: dict[str, Callable] = {
+    "vit_mae": lambda module, batch: _bare_vit(module, batch, predictor=False),
+    "vit_hpm": lambda module, batch: _bare_vit(module, batch, predictor=True),
+    "swin_simmim": _bare_simmim,
+    "smit": _bare_smit,
+    "spark": _bare_spark,
+    "hybrid": _bare_hybrid,
+}
+
+
+# --------------------------------------------------------------------------- child-process measurements
+def time_method(name: str, roi: int, warmup: int = 1, repeats: int = 3, with_bare: bool = True,
+                **overrides: Any) -> dict[str, Any]:
+    """Median step time of a method, interleaved with its bare networks and its extra forward."""
+    spec = spec_named(name)
+    module, optimizer, batch = build_method(spec, roi, **overrides)
+    steps = {"step": method_step(module, optimizer, batch)}
+    if with_bare:
+        loss, extra = BARE_STEPS[spec.bare](module, batch)
+        steps["bare"] = optimizer_step(loss, optimizer)
+        if extra is not None:
+            steps["extra"] = extra
+    timings = interleaved_timings(steps, warmup=warmup, repeats=repeats)
+    return {"timings": timings, "parameters": sum(p.numel() for p in module.parameters() if p.requires_grad)}
+
+
+def saved_tensor_bytes(run: Callable[[], Any], parameters: set[int]) -> tuple[Any, int]:
+    """Result of ``run`` and the bytes of distinct non-parameter storages autograd saved for backward."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = run()
+    return result, sum(storages.values())
+
+
+def profile_method(name: str, roi: int, steps: int = 1, **overrides: Any) -> dict[str, Any]:
+    """FLOPs and saved-activation bytes of one forward + backward after ``steps`` train steps.
+
+    In a fresh process the parent's peak RSS then covers weights, gradients, AdamW state and
+    activations together (the first optimizer step allocates the state)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = spec_named(name)
+    module, optimizer, batch = build_method(spec, roi, **overrides)
+    step = method_step(module, optimizer, batch)
+    for _ in range(steps):
+        step()
+    parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out, activation_bytes = saved_tensor_bytes(lambda: module.shared_step(batch), parameters)
+        out.losses["loss"].backward()
+    optimizer.zero_grad(set_to_none=True)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    return {"flops": counter.get_total_flops(), "activation_mb": activation_bytes / 2**20,
+            "trainable_parameters": trainable, "frozen_parameters": frozen}
+
+
+def _monai_mae(roi: int):
+    from monai.networks.nets import MaskedAutoEncoderViT
+
+    torch.manual_seed(0)
+    network = MaskedAutoEncoderViT(in_channels=1, img_size=roi, patch_size=16, hidden_size=384, mlp_dim=1536,
+                                   num_layers=6, num_heads=6, masking_ratio=0.75, decoder_hidden_size=192,
+                                   decoder_mlp_dim=768, decoder_num_layers=2, decoder_num_heads=6, qkv_bias=True)
+    network.train()
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    images = torch.rand(BATCH_SIZE, 1, roi, roi, roi)
+
+    def loss() -> Tensor:
+        from lightning_mim.masking.grid import patchify
+
+        pred, mask = network(images)
+        target = patchify(images, 16)
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        per_patch = (pred.float() - target).square().mean(-1)
+        return (per_patch * mask).sum() / mask.sum()
+
+    return network, optimizer_step(loss, optimizer)
+
+
+def time_mae_vs_monai(roi: int, warmup: int = 1, repeats: int = 5) -> dict[str, Any]:
+    """Our MAE-3D step and MONAI's MaskedAutoEncoderViT step at equal dimensions, interleaved."""
+    module, optimizer, batch = build_method(MAE_MONAI_DIMS, roi)
+    network, monai_step = _monai_mae(roi)
+    timings = interleaved_timings({"ours": method_step(module, optimizer, batch), "monai": monai_step},
+                                  warmup=warmup, repeats=repeats)
+    return {"timings": timings, "parameters": {"ours": sum(p.numel() for p in module.parameters()),
+                                               "monai": sum(p.numel() for p in network.parameters())}}
+
+
+def profile_monai_mae(roi: int, steps: int = 2) -> dict[str, Any]:
+    """Two MONAI steps (the parent reads the peak RSS)."""
+    _, step = _monai_mae(roi)
+    for _ in range(steps):
+        step()
+    return {}
+
+
+# --------------------------------------------------------------------------- orchestration
+@dataclass(frozen=True)
+class MethodBenchConfig:
+    rois: tuple[int, ...] = (64, 96)
+    warmup: int = 1
+    repeats: int = 3
+    monai_repeats: int = 7
+    overrides: dict[str, Any] = field(default_factory=dict)  # applied to every method (quick mode: tiny models)
+
+    @staticmethod
+    def full() -> MethodBenchConfig:
+        return MethodBenchConfig()
+
+    @staticmethod
+    def quick() -> MethodBenchConfig:
+        return MethodBenchConfig(rois=(64,), warmup=1, repeats=2, monai_repeats=3)
+
+
+def method_overrides(spec: MethodSpec, quick: bool) -> dict[str, Any]:
+    return dict(spec.quick) if quick else {}
+
+
+def available_methods() -> tuple[list[MethodSpec], list[str]]:
+    """The table's methods whose classes import, and a note for each one that does not (yet)."""
+    found, missing = [], []
+    for spec in METHODS:
+        try:
+            spec.load()
+            found.append(spec)
+        except (ImportError, AttributeError) as error:
+            missing.append(f"{spec.name} skipped: {spec.cls} does not import ({error})")
+    return found, missing
+
+
+def _try(function, *args, **kwargs) -> dict[str, Any]:
+    try:
+        return run_isolated(function, *args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - a failing method must not hide the others
+        return {"error": str(error)[-3000:]}
+
+
+def median(run: dict, key: str) -> float | None:
+    return run.get("timings", {}).get(key, {}).get("median_s")
+
+
+def run(config: MethodBenchConfig, quick: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    methods, notes = available_methods()
+    runs: dict[str, Any] = {}
+    for spec in methods:
+        overrides = method_overrides(spec, quick)
+        for roi in config.rois:
+            log(f"methods: {spec.name} at {roi}³")
+            key = f"{spec.name}@{roi}"
+            runs[key] = {"timing": _try(time_method, spec.name, roi, config.warmup, config.repeats, **overrides),
+                         "profile": _try(profile_method, spec.name, roi, **overrides), "overrides": overrides}
+    monai_runs = {}
+    for roi in config.rois:
+        log(f"methods: MAE-3D vs MONAI MaskedAutoEncoderViT at {roi}³")
+        monai_runs[roi] = {"timing": _try(time_mae_vs_monai, roi, config.warmup, config.monai_repeats),
+                           "ours": _try(profile_method, MAE_MONAI_DIMS.name, roi),
+                           "monai": _try(profile_monai_mae, roi)}
+    return summarize(runs, monai_runs, methods, config, notes)
+
+
+def _peak(run: dict) -> float | None:
+    return run.get("process", {}).get("peak_rss_mb")
+
+
+def summarize(runs: dict, monai_runs: dict, methods: list[MethodSpec], config: MethodBenchConfig,
+              notes: list[str]) -> dict[str, Any]:
+    rows, overhead_checks = [], []
+    for spec in methods:
+        for roi in config.rois:
+            entry = runs.get(f"{spec.name}@{roi}", {})
+            timing, profile = entry.get("timing", {}), entry.get("profile", {})
+            step, bare, extra = median(timing, "step"), median(timing, "bare"), median(timing, "extra")
+            overhead = ratio(step, bare)
+            adjusted = ratio(step, None if bare is None else bare + (extra or 0.0))
+            flops = profile.get("flops")
+            error = timing.get("error") or profile.get("error")
+            rows.append([spec.name, f"{roi}³", spec.size if not entry.get("overrides") else "quick: tiny", step, bare,
+                         extra, overhead, adjusted, _peak(profile),
+                         None if flops is None else flops / 1e9, profile.get("activation_mb"),
+                         "failed (see JSON)" if error else ""])
+            if overhead is not None:
+                overhead_checks.append((spec.name, roi, overhead, adjusted))
+    monai_rows, monai_ratios = [], []
+    for roi, entry in monai_runs.items():
+        ours, theirs = median(entry["timing"], "ours"), median(entry["timing"], "monai")
+        value = ratio(ours, theirs)
+        monai_ratios.append(value)
+        monai_rows.append([f"{roi}³", ours, theirs, value, _peak(entry["ours"]), _peak(entry["monai"])])
+    targets = []
+    for name, roi, overhead, adjusted in overhead_checks:
+        targets.append(target(f"methods: {name} {roi}³ step / bare networks", overhead, "≤ 1.2", overhead <= 1.2))
+    for (roi, _), value in zip(monai_runs.items(), monai_ratios):
+        targets.append(target(f"methods: MAE-3D / MONAI MaskedAutoEncoderViT step, {roi}³", value, "≤ 0.8",
+                              None if value is None else value <= 0.8))
+    columns = ["method", "ROI", "size", "step s", "bare s", "extra fwd s", "step / bare", "step / (bare + extra)",
+               "peak RSS MB", "GFLOP / step", "saved activations MB", "note"]
+    return {
+        "title": "Methods (train step = forward + backward + AdamW, batch 2, fp32)",
+        "config": {"rois": list(config.rois), "warmup": config.warmup, "repeats": config.repeats},
+        "runs": runs,
+        "monai_runs": {str(k): v for k, v in monai_runs.items()},
+        "tables": [
+            table("Train step per method", columns, rows, notes=[
+                "step: the method's full step; bare: its trained networks with a fixed mask and a plain loss, same "
+                "AdamW; extra fwd: its gradient-free teacher / dropout-twin forward (inherent to the method).",
+                "Medians of interleaved steps after one warm-up, in one process per method and ROI.",
+                "Peak RSS: a fresh process (imports ≈ its start RSS) running a step and a forward + backward; GFLOP: "
+                "that forward + backward (torch.utils.flop_counter; teacher passes included, AdamW excluded); saved "
+                "activations: distinct non-parameter tensors autograd keeps for backward.",
+            ]),
+            table("MAE-3D vs MONAI MaskedAutoEncoderViT (hidden 384, 6 layers, 6 heads; decoder 192, 2 layers; "
+                  "patch 16; mask 0.75)", ["ROI", "ours s", "MONAI s", "ours / MONAI", "ours peak RSS MB",
+                                           "MONAI peak RSS MB"], monai_rows),
+        ],
+        "targets": targets,
+        "notes": notes,
+    }
+
