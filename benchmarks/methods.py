@@ -1,7 +1,7 @@
 """Methods: train-step time and memory of every pre-training method, its overhead, and MAE-3D vs MONAI.
 
 A *step* is what Lightning's automatic optimisation runs: ``shared_step`` (masking, teacher,
-losses, panel volumes), ``backward``, ``on_before_optimizer_step``, the module's own AdamW
+losses; panel volumes are only built on the steps the panel callback captures), ``backward``, ``on_before_optimizer_step``, the module's own AdamW
 (``configure_optimizers``), and ``after_optimizer_step`` (EMA teacher update). Inputs are batch 2
 of random volumes (two views per item for SMIT).
 

@@ -18,7 +18,7 @@ from lightning_mim.methods.simmim import SimMIM3D
 from lightning_mim.methods.smit import SMIT
 
 _VIT = dict(embed_dim=48, depth=2, num_heads=2, decoder_dim=24, decoder_depth=1, decoder_heads=2)
-_SWIN = dict(feature_size=12, depths=[1, 1, 1, 1])
+_SWIN = dict(feature_size=12, depths=[1, 1, 1, 1], window_size=4)
 #: name → (class, tiny constructor arguments, input size, two views per item)
 TINY = {
     "mae": (MAE3D, dict(img_size=32, **_VIT), 32, False),

@@ -21,6 +21,8 @@ TINY = dict(img_size=32, feature_size=12, depths=[1, 1, 1, 1])
 
 def test_step_masks_ceil_of_ratio_and_logs_finite_loss():
     model = SimMIM3D(**TINY, mask_ratio=0.6)
+    assert model.shared_step({"image": torch.rand(2, 1, 32, 32, 32)}).visuals == {}  # built only when captured
+    model.capture_visuals = True
     out = model.shared_step({"image": torch.rand(2, 1, 32, 32, 32)})
     assert torch.isfinite(out.losses["loss"]) and set(out.losses) == {"loss", "mip"}
     assert out.scalars["mask_ratio"].item() == pytest.approx(math.ceil(0.6 * 8) / 8)

@@ -289,8 +289,8 @@ class HybridMIM(MIMModule):
             "location_accuracy": ((location_logits.detach() > 0).float() == labels.patterns).float().mean(),
             "mask_ratio": mask.float().mean(),
         }
-        return StepOutput(losses=losses, visuals=self._visuals(images, masked_input, reconstruction, box, mask),
-                          scalars=scalars)
+        visuals = self._visuals(images, masked_input, reconstruction, box, mask) if self.capture_visuals else {}
+        return StepOutput(losses=losses, visuals=visuals, scalars=scalars)
 
     def _visuals(self, images: Tensor, masked_input: Tensor, reconstruction: Tensor, box: SubBox,
                  mask: Tensor) -> dict[str, Tensor]:

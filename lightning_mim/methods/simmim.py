@@ -84,12 +84,14 @@ class SimMIM3D(MIMModule):
         pred = self.reconstruct(images, cell_mask)
         voxels = voxel_mask(cell_mask, self.encoder.mask_cell)
         loss = masked_voxel_l1(pred, images, voxels)
-        first = voxels[:1].bool()
-        visuals = {
-            "input": images[:1],
-            "masked": images[:1] * ~first,
-            "reconstruction": torch.where(first, pred[:1].detach().to(images.dtype), images[:1]),
-        }
+        visuals = {}
+        if self.capture_visuals:
+            first = voxels[:1].bool()
+            visuals = {
+                "input": images[:1],
+                "masked": images[:1] * ~first,
+                "reconstruction": torch.where(first, pred[:1].detach().to(images.dtype), images[:1]),
+            }
         return StepOutput(losses={"loss": loss, "mip": loss.detach()}, visuals=visuals,
                           scalars={"mask_ratio": cell_mask.float().mean()})
 

@@ -243,7 +243,7 @@ class SMIT(MIMModule):
         return StepOutput(
             losses={"loss": total, "mip": mip.detach(), "patch_distill": patch_distill.detach(),
                     "cls_distill": cls_distill.detach()},
-            visuals=self._visuals(views, pred, voxels, b),
+            visuals=self._visuals(views, pred, voxels, b) if self.capture_visuals else {},
             scalars=scalars,
         )
 
