@@ -135,6 +135,10 @@ def summarize(timing: dict, memory: dict, config: EvalBenchConfig) -> dict[str, 
             peak = run_result["process"]["peak_rss_mb"]
             memory_rows.append([side, "×".join(map(str, run_result["shape"])), peak, peak - run_result["rss_before_mb"]])
     network = f"{config.network} {config.network_kwargs}"
+    failures = [f"{name} failed: {result['error'].strip().splitlines()[-1]} (traceback in the JSON)"
+                for name, result in [("timing", timing), *memory.items()]
+                if isinstance(result, dict) and result.get("error")]
+    failures += [f"full-size CT preparation failed: {memory['error']}"] if isinstance(memory.get("error"), str) else []
     return {
         "title": "Evaluation (sliding-window inference)",
         "config": asdict(config),
@@ -149,4 +153,5 @@ def summarize(timing: dict, memory: dict, config: EvalBenchConfig) -> dict[str, 
         ],
         "targets": [target("evaluation: ours / MONAI sliding_window_inference", value, "≤ 1.0 (within noise)",
                            None if value is None else value <= 1.05)],
+        "notes": failures,
     }
