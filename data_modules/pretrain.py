@@ -34,17 +34,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import lightning as L
 import torch
 import torchio as tio
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from .cache import CachedVolume, MemoryMappedUniformSampler, ensure_cached, read_cached_array, volume_subject
 from .phantoms import ensure_phantom_cohort
 from .presets import Preprocessing, resolve_preprocessing
-from .resumable import ResumableLoader, derive_seed, lightning_batches_used
+from .patch_queue import PatchQueueDataModule
+from .resumable import ResumableLoader
 from .sources import Case, cases_from_csv, cases_from_datalist, cases_from_folder, combine_cases, split_by_subject
 from .validation import ON_BAD_CASE_CHOICES, OnBadCase, ValidationLimits, ValidationSettings, check_and_select
 from .views import PatchAugmentation, ViewSampler, as_triple, build_view_sampler
@@ -126,7 +126,7 @@ class FixedPatchDataset(Dataset):
         return volume.case_id, self.views(patch, generator)
 
 
-class PretrainDataModule(L.LightningDataModule):
+class PretrainDataModule(PatchQueueDataModule):
     """Unlabelled 3D volumes -> patches for masked-image-modeling pre-training.
 
     Args:
@@ -236,8 +236,6 @@ class PretrainDataModule(L.LightningDataModule):
         self.phantom_seed = phantom_seed
         self.train_volumes: list[CachedVolume] | None = None
         self.val_volumes: list[CachedVolume] = []
-        self._epoch = 0
-        self._subject_sampler: DistributedSampler | None = None
         self.on_bad_case = on_bad_case
         self.validation_limits = validation_limits
         self.skipped_cases: list[dict] = []
@@ -308,12 +306,6 @@ class PretrainDataModule(L.LightningDataModule):
             raise RuntimeError("PretrainDataModule.setup() must run before the dataloaders are built")
         return self.train_volumes
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle the per-rank subject shards for ``epoch``; safe before any loader exists."""
-        self._epoch = epoch
-        if self._subject_sampler is not None:
-            self._subject_sampler.set_epoch(epoch)
-
     def build_train_loader(self, rank: int = 0, world_size: int = 1) -> ResumableLoader:
         """The training loader of one rank: a ``tio.Queue`` (sharded when ``world_size > 1``) in a DataLoader.
 
@@ -321,44 +313,8 @@ class PretrainDataModule(L.LightningDataModule):
         for each epoch from ``(seed, epoch, rank)`` (see the module docstring).
         """
         subjects = tio.SubjectsDataset([volume_subject(v) for v in self._require_setup()], load_getitem=False)
-        sampler = None
-        if world_size > 1:
-            sampler = DistributedSampler(
-                subjects, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed, drop_last=False
-            )
-            sampler.set_epoch(self._epoch)
-        self._subject_sampler = sampler
-
-        def epoch_loader(epoch: int) -> DataLoader:
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            queue = tio.Queue(
-                subjects,
-                max_length=self.queue_length,
-                samples_per_volume=self.samples_per_volume,
-                sampler=MemoryMappedUniformSampler(self.patch_size),
-                subject_sampler=sampler,
-                num_workers=self.num_workers,
-                shuffle_subjects=sampler is None,
-                shuffle_patches=True,
-                start_background=False,  # the subject loader starts inside the epoch's random stream
-            )
-            collate = PatchCollator(self.views, self.augmentation, seed=derive_seed(self.seed, epoch, rank, 1))
-            return DataLoader(queue, batch_size=self.batch_size, num_workers=0, collate_fn=collate)
-
-        return ResumableLoader(epoch_loader, self.seed, rank, self._stream_epoch,
-                               lambda: lightning_batches_used(self.trainer))
-
-    def _stream_epoch(self) -> int:
-        """The epoch a new pass over the training data belongs to: the trainer's, else the last set_epoch."""
-        return self.trainer.current_epoch if self.trainer is not None else self._epoch
-
-    def train_dataloader(self) -> ResumableLoader:
-        trainer = self.trainer
-        if trainer is None:
-            return self.build_train_loader()
-        self._epoch = trainer.current_epoch
-        return self.build_train_loader(rank=trainer.global_rank, world_size=trainer.world_size)
+        return self.queue_loader(subjects, MemoryMappedUniformSampler(self.patch_size),
+                                 lambda seed: PatchCollator(self.views, self.augmentation, seed=seed), rank, world_size)
 
     def _fixed_loader(self) -> DataLoader | list:
         self._require_setup()

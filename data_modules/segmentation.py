@@ -36,18 +36,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 import torchio as tio
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from .cache import CachedVolume, ensure_cached, read_cached_array, volume_subject
 from .phantoms import ensure_phantom_cohort
 from .presets import Preprocessing, resolve_preprocessing
-from .resumable import ResumableLoader, derive_seed, lightning_batches_used
+from .patch_queue import PatchQueueDataModule
+from .resumable import ResumableLoader
 from .sources import Case, DataSourceError, cases_from_csv, cases_from_datalist, cases_from_folder, split_by_subject
 from .validation import ON_BAD_CASE_CHOICES, OnBadCase, ValidationLimits, ValidationSettings, check_and_select
 from .views import as_triple
@@ -188,7 +188,7 @@ def collate_volumes(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the module
-class SegmentationDataModule(L.LightningDataModule):
+class SegmentationDataModule(PatchQueueDataModule):
     """Labelled 3D volumes for fine-tuning and evaluation (see the module docstring for the data path).
 
     Args:
@@ -294,8 +294,6 @@ class SegmentationDataModule(L.LightningDataModule):
         self.splits: dict[str, list[CachedVolume]] | None = None
         self.all_train_cases: list[Case] = []
         self._datalist_labels: dict[int, str] | None = None
-        self._epoch = 0
-        self._subject_sampler: DistributedSampler | None = None
         self.on_bad_case = on_bad_case
         self.validation_limits = validation_limits
         self.skipped_cases: list[dict] = []
@@ -453,54 +451,15 @@ class SegmentationDataModule(L.LightningDataModule):
         }
 
     # ------------------------------------------------------------------ loaders
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle the per-rank subject shards for ``epoch`` (Lightning does not reach the queue's sampler)."""
-        self._epoch = epoch
-        if self._subject_sampler is not None:
-            self._subject_sampler.set_epoch(epoch)
-
     def build_train_loader(self, rank: int = 0, world_size: int = 1) -> ResumableLoader:
         """One rank's training loader: a label-sampling queue per epoch, rebuilt from ``(seed, epoch, rank)``."""
         half = tuple(p // 2 for p in self.patch_size)
         transform = tio.Compose([AddForegroundMap(), tio.Pad(tuple(h for h in half for _ in (0, 1)), padding_mode="minimum")])
         subjects = tio.SubjectsDataset([volume_subject(v, with_label=True) for v in self._split("train")], transform=transform)
-        sampler = None
-        if world_size > 1:
-            sampler = DistributedSampler(subjects, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed,
-                                         drop_last=False)
-            sampler.set_epoch(self._epoch)
-        self._subject_sampler = sampler
         pos = self.pos_neg_ratio / (1.0 + self.pos_neg_ratio)
-
-        def epoch_loader(epoch: int) -> DataLoader:
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            queue = tio.Queue(
-                subjects,
-                max_length=self.queue_length,
-                samples_per_volume=self.samples_per_volume,
-                sampler=tio.LabelSampler(self.patch_size, FOREGROUND_MAP, {0: 1.0 - pos, 1: pos}),
-                subject_sampler=sampler,
-                num_workers=self.num_workers,
-                shuffle_subjects=sampler is None,
-                shuffle_patches=True,
-                start_background=False,  # the subject loader starts inside the epoch's random stream
-            )
-            collate = SegmentationCollator(self.augmentation, seed=derive_seed(self.seed, epoch, rank, 1))
-            return DataLoader(queue, batch_size=self.batch_size, num_workers=0, collate_fn=collate)
-
-        return ResumableLoader(epoch_loader, self.seed, rank, self._stream_epoch,
-                               lambda: lightning_batches_used(self.trainer))
-
-    def _stream_epoch(self) -> int:
-        return self.trainer.current_epoch if self.trainer is not None else self._epoch
-
-    def train_dataloader(self) -> ResumableLoader:
-        trainer = self.trainer
-        if trainer is None:
-            return self.build_train_loader()
-        self._epoch = trainer.current_epoch
-        return self.build_train_loader(rank=trainer.global_rank, world_size=trainer.world_size)
+        label_sampler = tio.LabelSampler(self.patch_size, FOREGROUND_MAP, {0: 1.0 - pos, 1: pos})
+        return self.queue_loader(subjects, label_sampler, lambda seed: SegmentationCollator(self.augmentation, seed=seed),
+                                 rank, world_size)
 
     def volume_loader(self, split: str, rank: int = 0, world_size: int = 1) -> DataLoader:
         """Whole volumes of ``split``, batch 1, in order; rank ``r`` of ``w`` gets ``volumes[r::w]`` (no padding)."""

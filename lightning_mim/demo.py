@@ -84,7 +84,7 @@ def run_demo(output: str | os.PathLike = "runs/demo", fast: bool = False, num_la
 
     result = compare([finetune_dir], root / "comparison")
     print("\n" + result.markdown)
-    print("Time per step of the demo: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    print("Wall time of each stage of the demo: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print(f"Tables and plot: {result.markdown_path}, {result.csv}, {result.plot}")
     return result
 

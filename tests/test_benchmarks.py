@@ -155,6 +155,16 @@ def test_method_profile_counts_flops_and_saved_activations():
     assert out["flops"] > 1e6 and out["activation_mb"] > 0 and out["trainable_parameters"] > 0
 
 
+def test_overhead_profile_ranks_operators_by_their_excess_over_the_bare_step():
+    out = methods.profile_overhead("SelfMedHPM", 32, rows=1000, **TINY_OVERRIDES["SelfMedHPM"])
+    excess = [row[3] for row in out["top"]]
+    assert len(excess) > 5 and excess == sorted(excess, reverse=True)
+    assert all(row[3] == pytest.approx(row[1] - row[2]) for row in out["top"])
+    lerp = [row for row in out["top"] if row[0] == "aten::lerp_"]  # the EMA teacher update is only in the step
+    assert len(lerp) == 1 and lerp[0][2] == 0.0 and lerp[0][3] > 0
+    assert out["step_total_ms"] > 0 and out["bare_total_ms"] > 0
+
+
 def test_mae_vs_monai_and_mask_ratio_sweep_time_both_sides():
     out = methods.time_mae_vs_monai(32, warmup=0, repeats=1)
     assert set(out["timings"]) == {"ours", "monai"}
@@ -170,8 +180,14 @@ def test_methods_and_scaling_summaries_build_tables_and_targets():
     monai = {64: {"timing": {"timings": {"ours": {"median_s": 0.7}, "monai": {"median_s": 1.0}}}, "ours": {},
                   "monai": {}}}
     section = methods.summarize(runs, monai, specs, methods.MethodBenchConfig(rois=(64,)), [])
-    assert [t["met"] for t in section["targets"]] == [True, True]
+    assert [t["met"] for t in section["targets"]] == [True, True, True]  # overhead, without teacher, vs MONAI
     assert section["tables"][0]["rows"][0][6] == pytest.approx(1.1)
+    runs["MAE-3D@64"]["timing"]["timings"]["step"]["median_s"] = 1.5
+    runs["MAE-3D@64"]["overhead_profile"] = {"top": [["aten::addmm", 9.0, 4.0, 5.0]], "step_total_ms": 15.0,
+                                             "bare_total_ms": 10.0}
+    missed = methods.summarize(runs, monai, specs, methods.MethodBenchConfig(rois=(64,)), [])
+    assert [t["met"] for t in missed["targets"]] == [False, False, True]
+    assert missed["tables"][-1]["rows"] == [["aten::addmm", 9.0, 4.0, 5.0]] and "MAE-3D at 64³" in missed["tables"][-1]["title"]
     scaled = scaling.summarize({"MAE-3D@128": {"timings": {"step": {"median_s": 5.0}}, "flops": 8e9}}, specs,
                                section, scaling.ScalingConfig(mask_ratios=(0.5,)), [])
     rows = scaled["tables"][0]["rows"]
@@ -184,4 +200,7 @@ def test_sliding_window_sides_agree():
     out = evaluation.time_sliding_window(config)
     assert out["same_prediction"] is True
     section = evaluation.summarize(out, {}, config)
-    assert section["targets"][0]["value"] is not None
+    assert section["targets"][0]["value"] is not None and section["notes"] == []
+    failed = evaluation.summarize({"error": "Traceback ...\nAttributeError: no sw_batch_size"}, {}, config)
+    assert failed["targets"][0]["met"] is None
+    assert failed["notes"] == ["timing failed: AttributeError: no sw_batch_size (traceback in the JSON)"]

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import random
 import types
 from pathlib import Path
 
@@ -69,7 +70,12 @@ def test_data_module_classes_split_and_subset(data_dirs):
 
 def test_training_patches_are_label_aware(data_dirs):
     only_foreground = phantom_module(data_dirs, pos_neg_ratio=1e6, augmentation=None)
+    random.seed(5)
+    np.random.seed(7)
+    before = random.getstate(), np.random.get_state()[1].copy()
     batches = list(only_foreground.train_dataloader())
+    # the resumable stream swaps only torch's generator: a draw from Python's or NumPy's would escape it
+    assert random.getstate() == before[0] and np.array_equal(np.random.get_state()[1], before[1])
     assert batches and all(b["image"].shape == (2, 1, 32, 32, 32) and b["label"].dtype == torch.int64 for b in batches)
     for batch in batches:  # every patch is centred on an organ voxel, so every patch holds one
         assert bool(((batch["label"] > 0).flatten(1).any(1)).all())

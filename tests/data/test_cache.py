@@ -123,6 +123,19 @@ def test_subjects_stay_lazy_until_sampled_and_then_map_without_copying(tmp_path)
         volume_subject(volume, with_label=True)
 
 
+def test_a_volume_keeps_one_mapping_per_process_until_its_file_is_replaced(tmp_path):
+    (volume,) = ensure_cached([Case("ct", write_image(tmp_path / "ct.nii.gz", ct_volume()))], PLAIN, tmp_path / "cache")
+    first, _ = read_cached_array(volume.image)
+    again, _ = read_cached_array(volume.image)
+    assert again is first  # reused: no new mapping and page faults per subject load
+
+    replacement = tmp_path / "replacement.npy"
+    np.save(replacement, np.full(first.shape, 7.0, np.float32))
+    os.replace(replacement, volume.image)  # an entry rebuilt in place
+    rebuilt, _ = read_cached_array(volume.image)
+    assert rebuilt is not first and float(rebuilt.max()) == 7.0
+
+
 def test_all_bad_cases_are_reported_together_before_anything_trains(tmp_path):
     good = write_image(tmp_path / "good.nii.gz", ct_volume())
     empty = tmp_path / "empty.nii.gz"

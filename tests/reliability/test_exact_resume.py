@@ -17,6 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from reliability_probes import REPO, cli_command, read_losses, subprocess_env
@@ -128,9 +129,13 @@ def test_training_stream_is_a_pure_function_of_the_epoch_and_leaves_global_gener
         return [(batch["case_id"], batch["image"].clone()) for batch in loader]
 
     torch.manual_seed(123)
-    before = torch.get_rng_state()
+    random.seed(5)
+    np.random.seed(7)
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
     first = epoch(0)
-    assert torch.equal(torch.get_rng_state(), before)  # the model's random stream is untouched
+    assert torch.equal(torch.get_rng_state(), before[0])  # the model's random stream is untouched
+    # the stream swaps only torch's generator: a draw from Python's or NumPy's would escape it
+    assert random.getstate() == before[1] and np.array_equal(np.random.get_state()[1], before[2])
     again = epoch(0)
     assert len(first) == len(again) >= 2
     assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(first, again))
