@@ -138,7 +138,8 @@ def summarize(timing: dict, memory: dict, config: EvalBenchConfig) -> dict[str, 
     failures = [f"{name} failed: {result['error'].strip().splitlines()[-1]} (traceback in the JSON)"
                 for name, result in [("timing", timing), *memory.items()]
                 if isinstance(result, dict) and result.get("error")]
-    failures += [f"full-size CT preparation failed: {memory['error']}"] if isinstance(memory.get("error"), str) else []
+    if isinstance(memory.get("error"), str):  # the full-size CT could not be prepared: no side ran
+        failures.append(f"full-size CT preparation failed: {memory['error']}")
     return {
         "title": "Evaluation (sliding-window inference)",
         "config": asdict(config),

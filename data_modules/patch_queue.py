@@ -43,12 +43,14 @@ class PatchQueueDataModule(L.LightningDataModule):
             self._subject_sampler.set_epoch(epoch)
 
     def build_train_loader(self, rank: int = 0, world_size: int = 1) -> ResumableLoader:
+        """One rank's training loader; each data module builds its subjects and calls :meth:`queue_loader`."""
         raise NotImplementedError
 
     def queue_loader(self, subjects: tio.SubjectsDataset, patch_sampler: tio.data.PatchSampler,
                      make_collate: Callable[[int], Callable[[list], Any]], rank: int = 0,
                      world_size: int = 1) -> ResumableLoader:
-        """The rank's resumable loader: per epoch, a queue of ``patch_sampler`` patches batched by ``make_collate(seed)``."""
+        """The rank's resumable loader: per epoch, a queue of ``patch_sampler`` patches batched by
+        ``make_collate(seed)``."""
         sampler = None
         if world_size > 1:
             sampler = DistributedSampler(subjects, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed,
