@@ -262,6 +262,8 @@ class SegmentationProbe(L.Callback):
             raise ValueError(f"SegmentationProbe: {name} cannot be probed, its encoder does not export: {error}") from error
         kwargs = dict(export.network_kwargs)
         in_channels = int(kwargs.pop("in_channels", 1))
+        if export.target == "swin_unetr":  # the probe's forwards run without gradients: MONAI's fused attention path
+            kwargs.setdefault("use_flash_attention", True)
         module = self.data_module(trainer, roi)
         module.prepare_data()
         module.setup()
@@ -280,13 +282,13 @@ class SegmentationProbe(L.Callback):
 
     # ------------------------------------------------------------------ one probe
     def features(self, images: Tensor) -> Tensor:
-        """Standardisation-ready features of crops ``N×C×roi`` on the probe grid (one crop at a time)."""
+        """Features of crops ``N×C×roi`` on the probe grid, one case's crops per forward pass."""
         from lightning_mim.segmentation.features import encoder_features, features_on_grid
 
         device = next(self._network.parameters()).device
         grid = tuple(s // self.feature_stride for s in images.shape[2:])
-        return torch.cat([features_on_grid(encoder_features(self._target, self._network, image[None].to(device)), grid)
-                          for image in images])
+        return torch.cat([features_on_grid(encoder_features(self._target, self._network, chunk.to(device)), grid)
+                          for chunk in images.split(self.crops_per_case)])
 
     def probe(self, pl_module: L.LightningModule) -> dict[str, float]:
         """Per-organ probe Dice of the module's current encoder (call :meth:`setup_probe` first)."""

@@ -1,6 +1,8 @@
 """Exact resume: a run SIGKILLed mid-training and resumed from its last checkpoint repeats, step for
 step, the losses of an uninterrupted run - data order, crops, masks, dropout and the EMA teacher
-included - for MAE-3D and for a teacher/student method (SelfMedHPM, the cheapest tiny one).
+included - for MAE-3D and for a teacher/student method (SelfMedHPM, the cheapest tiny one). With the
+online segmentation probe on in the killed and resumed run (and off in the reference), the losses
+are still those of the reference: the probe changes neither the training stream nor the resumed state.
 
 The killed run is a real ``python -m lightning_mim fit`` process; it checkpoints after every step
 and is killed at a step drawn from a fixed seed, while it sits in that step's
@@ -30,6 +32,17 @@ METHODS = {
     "selfmedhpm": [REPO / "experiments/selfmedhpm.yaml", CONFIGS / "selfmedhpm_tiny.yaml"],
 }
 TOTAL_STEPS = 6  # 3 epochs x 2 steps (tests/configs/reliability_resume.yaml over the tiny configs)
+# Runs: (method, arguments of every run, arguments of the killed and resumed run only).
+RUNS = {
+    "mae": ("mae", [], []),
+    "selfmedhpm": ("selfmedhpm", [], []),
+    # the probe reads the encoder through its UNETR export, which needs 12 ViT blocks
+    "mae-probe": ("mae", ["--model.init_args.depth", "12"], [
+        "--trainer.callbacks+=lightning_mim.callbacks.probe.SegmentationProbe",
+        "--trainer.callbacks.init_args.every_n_steps", "2", "--trainer.callbacks.init_args.crops_per_case", "2",
+        "--trainer.callbacks.init_args.head_steps", "20",
+        "--trainer.callbacks.init_args.data", '{"phantom_cases": 4}']),
+}
 
 
 def config_args(method: str, data_dir: Path) -> list[str]:
@@ -84,15 +97,18 @@ def kill_when_held(process: subprocess.Popen, losses: Path, timeout: float = 240
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize("method", list(METHODS))
-def test_run_killed_with_sigkill_resumes_with_identical_losses(method, tmp_path, data_dir):
+@pytest.mark.parametrize("run", list(RUNS))
+def test_run_killed_with_sigkill_resumes_with_identical_losses(run, tmp_path, data_dir):
+    method, common, interrupted_only = RUNS[run]
     kill_step = random.Random(f"kill-{method}").randint(2, TOTAL_STEPS - 1)
     resumed_losses = tmp_path / "resumed.jsonl"
     run_dir = tmp_path / "interrupted"
-    process = start_run_to_kill(fit_args(method, run_dir, data_dir, resumed_losses, hold_at_step=kill_step))
+    interrupted = [*common, *interrupted_only]
+    process = start_run_to_kill(
+        [*fit_args(method, run_dir, data_dir, resumed_losses, hold_at_step=kill_step), *interrupted])
 
     reference_losses = tmp_path / "reference.jsonl"  # runs while the other process starts up
-    main(fit_args(method, tmp_path / "reference", data_dir, reference_losses))
+    main([*fit_args(method, tmp_path / "reference", data_dir, reference_losses), *common])
     reference = read_losses(reference_losses)
     assert sorted(reference) == list(range(1, TOTAL_STEPS + 1))
 
@@ -100,7 +116,7 @@ def test_run_killed_with_sigkill_resumes_with_identical_losses(method, tmp_path,
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == kill_step - 1  # killed before the step's own checkpoint was written
 
-    main([*fit_args(method, run_dir, data_dir, resumed_losses), "--ckpt_path", "last"])
+    main([*fit_args(method, run_dir, data_dir, resumed_losses), *interrupted, "--ckpt_path", "last"])
 
     resumed = read_losses(resumed_losses)
     assert sorted(resumed) == sorted(reference)
