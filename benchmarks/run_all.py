@@ -17,10 +17,10 @@ import time
 import traceback
 from typing import Any
 
-from benchmarks import data_path, evaluation, methods, scaling
+from benchmarks import data_path, evaluation, methods, probe, scaling
 from benchmarks.common import RESULTS_DIR, machine_info, write_results
 
-SECTIONS = ("data_path", "methods", "evaluation", "scaling")
+SECTIONS = ("data_path", "methods", "evaluation", "scaling", "probe")
 BUSY_LOAD_PER_CORE = 1.25
 
 
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     attempt("scaling", lambda: scaling.run(
         scaling.ScalingConfig.quick() if quick else scaling.ScalingConfig.full(), sections.get("methods"),
         quick=quick, log=log))
+    attempt("probe", lambda: probe.run(
+        probe.ProbeBenchConfig.quick() if quick else probe.ProbeBenchConfig.full(), log=log))
 
     end_load = [round(v, 2) for v in os.getloadavg()]
     busy = max(machine["load_average"][0], end_load[0]) > BUSY_LOAD_PER_CORE * (machine["logical_cores"] or 1)

@@ -211,3 +211,17 @@ def test_training_with_the_probe_gives_the_losses_of_training_without_it_and_log
     rows = logged_probe_rows(save_dir)
     assert [row["trainer/global_step"] for row in rows] == [0, *sorted(without)]  # at start, then every step
     assert all("probe/dice_mean" in row and "probe/dice/liver" in row and row["probe/cost_fraction"] > 0 for row in rows)
+
+
+def test_benchmark_summary_reports_the_share_of_wall_time_and_a_failed_measurement():
+    from benchmarks import probe as bench
+
+    assert bench.cost_share(probe_s=10.0, step_s=0.2, every_n_steps=450) == pytest.approx(0.1)
+    config = bench.ProbeBenchConfig(every_n_steps=(100,))
+    measured = {"step_s": 0.2, "probe_s": 10.0, "setup_s": 3.0, "crops": {"fit": 8, "eval": 8},
+                "defaults": {"every_n_steps": 500}}
+    section = bench.summarize(measured, config)
+    assert [row[0] for row in section["tables"][0]["rows"]] == [100, 500]
+    assert section["targets"][0]["value"] == pytest.approx(10 / 110) and section["targets"][0]["met"] is True
+    failed = bench.summarize({"error": "Traceback ...\nValueError: boom"}, config)
+    assert failed["targets"][0]["met"] is None and "ValueError: boom" in failed["notes"][0]

@@ -46,7 +46,8 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
 #: Settings of the pre-training data module the probe's labelled data inherits unless ``data`` sets them.
-INHERITED_DATA_SETTINGS = ("preprocessing", "cache_dir", "in_channels", "phantom_root", "phantom_shape", "phantom_seed")
+INHERITED_DATA_SETTINGS = ("preprocessing", "cache_dir", "in_channels", "phantom_root", "phantom_cases", "phantom_shape",
+                           "phantom_seed")
 
 
 def _segmentation_data_arguments() -> set[str]:
@@ -241,6 +242,9 @@ class SegmentationProbe(L.Callback):
             for image, crop in organ_centred_crops(batch["image"][0], label, roi, self.crops_per_case, generator, first_class):
                 images.append(image)
                 labels.append(crop)
+        if not images:
+            raise ValueError(f"SegmentationProbe: the labelled data has no {split} case to cut probe crops from; "
+                             f"give more cases (data.phantom_cases, or a source with a validation section)")
         return torch.stack(images), torch.stack(labels)
 
     def setup_probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
