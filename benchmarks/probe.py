@@ -53,9 +53,9 @@ class ProbeBenchConfig:
     @staticmethod
     def quick() -> ProbeBenchConfig:
         return ProbeBenchConfig(
-            model_overrides=dict(img_size=32, embed_dim=24, num_heads=2, decoder_dim=24, decoder_depth=1, decoder_heads=2),
-            data_overrides=dict(patch_size=32, batch_size=2, phantom_cases=4, phantom_shape=[64, 64, 32]),
-            probe=dict(crops_per_case=2, head_steps=10, data={"phantom_cases": 4}), warmup=0, repeats=1,
+            model_overrides={"img_size": 32, "embed_dim": 24, "num_heads": 2, "decoder_dim": 24, "decoder_depth": 1, "decoder_heads": 2},
+            data_overrides={"patch_size": 32, "batch_size": 2, "phantom_cases": 4, "phantom_shape": [64, 64, 32]},
+            probe={"crops_per_case": 2, "head_steps": 10, "data": {"phantom_cases": 4}}, warmup=0, repeats=1,
             steps_per_repeat=1)
 
 
@@ -150,9 +150,9 @@ def summarize(measured: dict[str, Any], config: ProbeBenchConfig) -> dict[str, A
             table(f"Probe cost next to pre-training ({config.recipe}; probe {measured['defaults']}, "
                   f"crops {measured['crops']})",
                   ["every_n_steps", "steps between probes s", "probe s", "share of wall time"], rows,
-                  notes=[f"Median step {step_s:.3f} s, median probe {probe_s:.2f} s (interleaved, after a warm-up); "
-                         f"one-off set-up {measured['setup_s']:.1f} s (cohort, cache, network, crops), "
-                         f"probe/step = {ratio(probe_s, step_s):.0f}."]),
+                  notes=[(f"Median step {step_s:.3f} s, median probe {probe_s:.2f} s (interleaved, after a warm-up); "
+                          f"one-off set-up {measured['setup_s']:.1f} s (cohort, cache, network, crops), "
+                          f"probe/step = {ratio(probe_s, step_s):.0f}.")]),
         ],
         "targets": [target(f"probe: share of pre-training time at every_n_steps={default_every}", share,
                            f"≤ {COST_TARGET:.0%}", share <= COST_TARGET)],

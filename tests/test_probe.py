@@ -29,7 +29,7 @@ from lightning_mim.segmentation.features import encoder_features, features_on_gr
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE_DATA = {"phantom_cases": 4, "phantom_shape": [64, 64, 32]}
-FAST = dict(crops_per_case=2, head_steps=20, data=PROBE_DATA)
+FAST = {"crops_per_case": 2, "head_steps": 20, "data": PROBE_DATA}
 # (experiment recipe, its tiny test overrides) of every method.
 METHODS = [("mae", "mae_tiny"), ("selfmedhpm", "selfmedhpm_tiny"), ("simmim", "simmim_tiny"), ("smit", "smit_tiny"),
            ("anatomask", "anatomask_tiny"), ("hybridmim_swin", "hybridmim_swin_tiny"),

@@ -253,7 +253,7 @@ class SegmentationProbe(L.Callback):
 
         name = type(pl_module).__name__
         if not callable(getattr(pl_module, "export_encoder", None)):
-            raise ValueError(f"SegmentationProbe: {name} has no export_encoder(); the probe reads encoders through it")
+            raise TypeError(f"SegmentationProbe: {name} has no export_encoder(); the probe reads encoders through it")
         roi = getattr(pl_module, "input_size", None)
         if roi is None:
             raise ValueError(f"SegmentationProbe: {name} does not state its input_size (the probe's crop size)")
@@ -287,7 +287,10 @@ class SegmentationProbe(L.Callback):
     # ------------------------------------------------------------------ one probe
     def features(self, images: Tensor) -> Tensor:
         """Features of crops ``N×C×roi`` on the probe grid, one case's crops per forward pass."""
-        from lightning_mim.segmentation.features import encoder_features, features_on_grid
+        from lightning_mim.segmentation.features import (
+            encoder_features,
+            features_on_grid,
+        )
 
         device = next(self._network.parameters()).device
         grid = tuple(s // self.feature_stride for s in images.shape[2:])
