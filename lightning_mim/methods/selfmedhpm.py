@@ -22,8 +22,8 @@ from lightning_mim.masking.guided import guided_mask
 from lightning_mim.masking.random import visible_indices
 from lightning_mim.masking.visuals import reconstruction_visuals
 from lightning_mim.methods.base import EncoderExport, StepOutput
-from lightning_mim.methods.mae import MAE3D
 from lightning_mim.methods.guided_schedules import GuidedMaskingSchedules
+from lightning_mim.methods.mae import MAE3D
 from lightning_mim.schedules import DifficultyKind, epochs_in
 from lightning_mim.teachers import EMATeacher
 
