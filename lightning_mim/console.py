@@ -21,6 +21,8 @@ KNOWN_LIBRARY_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
      "runs on a machine with SLURM tools are not always SLURM jobs; the sbatch templates use srun"),
     (r"The number of training batches \(\d+\) is smaller than the logging interval", PossibleUserWarning,
      "short epochs (phantoms, demo, small datasets) are expected; step metrics are logged regardless"),
+    (r"Found \d+ module\(s\) in eval mode at the start of training", PossibleUserWarning,
+     "EMA teachers stay in eval mode by design (no dropout or stochastic depth in their targets)"),
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning,
      "raised inside Lightning's own pytree helper by newer torch; nothing to change on our side"),
 )

@@ -52,6 +52,7 @@ def test_known_library_warnings_are_muted_and_others_are_not():
                       "log_every_n_steps=50). Set a lower value", PossibleUserWarning)
         warnings.warn("LightningCLI's args parameter is intended to run from within Python like ...", UserWarning)
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+        warnings.warn("Found 104 module(s) in eval mode at the start of training. This may ...", PossibleUserWarning)
         warnings.warn("The dataloader does not have many workers", PossibleUserWarning)
     assert [str(w.message) for w in caught] == ["The dataloader does not have many workers"]
 
