@@ -10,9 +10,13 @@ finds them in ``./experiments`` when run from the repository root.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import json
+import urllib.parse
 from pathlib import Path, PurePosixPath
 
+DISTRIBUTION = "lightning-mim"
 RECIPES_PACKAGE = "lightning_mim.experiments"
 CHECKOUT_FOLDER = "experiments"
 CONFIG_FLAGS = ("--config", "-c")
@@ -23,12 +27,29 @@ class RecipeNotFound(ValueError):
 
 
 def recipe_folders() -> list[Path]:
-    """Where shipped recipes live: the installed package, then ``./experiments`` of a checkout."""
+    """Where shipped recipes live: the installed package, the checkout of an editable install
+    (``pip install -e .``: its import hook cannot expose a folder-only package), then ``./experiments``."""
     spec = importlib.util.find_spec(RECIPES_PACKAGE)
     folders = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    source = editable_checkout()
+    if source is not None and (source / CHECKOUT_FOLDER).is_dir():
+        folders.append(source / CHECKOUT_FOLDER)
     if Path(CHECKOUT_FOLDER).is_dir():
         folders.append(Path(CHECKOUT_FOLDER))
     return folders
+
+
+def editable_checkout() -> Path | None:
+    """The source folder of an editable install, from its PEP 610 ``direct_url.json``; None otherwise."""
+    try:
+        text = importlib.metadata.distribution(DISTRIBUTION).read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    info = json.loads(text) if text else {}
+    url = urllib.parse.urlparse(info.get("url", ""))
+    if not info.get("dir_info", {}).get("editable") or url.scheme != "file":
+        return None
+    return Path(urllib.parse.unquote(url.path))
 
 
 def shipped_recipes() -> list[str]:

@@ -21,33 +21,47 @@ REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("pyproject.toml", "setup.py", "README.md", "lightning_mim", "data_modules", "experiments")
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("installed")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only the installed copy may be found
-    source = root / "source"  # a copy, so the build leaves no build/ or egg-info in the checkout
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only the installed copy may be found
+
+
+def project_copy(root: Path) -> Path:
+    """The project's files in ``root/source``, so builds leave no build/ or egg-info in the checkout."""
+    source = root / "source"
     source.mkdir()
     for name in PROJECT_FILES:
         if (REPO / name).is_dir():
             shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(REPO / name, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                    "-w", str(root / "wheel"), str(source)], check=True, capture_output=True, timeout=300, env=env)
-    (wheel,) = (root / "wheel").glob("*.whl")
+    return source
+
+
+def fresh_environment(root: Path) -> Path:
+    """A new virtualenv that also sees the test interpreter's packages; returns its python."""
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
-                   timeout=120, env=env)
+                   timeout=120, env=ENV)
     python = venv / "bin" / "python"
     venv_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip()
-    # The test interpreter's packages (it may itself be a virtualenv, which --system-site-packages skips).
+                               check=True, capture_output=True, text=True, env=ENV).stdout.strip()
+    # The test interpreter may itself be a virtualenv, which --system-site-packages does not reach.
     Path(venv_site, "outer_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("installed")
+    source = project_copy(root)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+                    "-w", str(root / "wheel"), str(source)], check=True, capture_output=True, timeout=300, env=ENV)
+    (wheel,) = (root / "wheel").glob("*.whl")
+    python = fresh_environment(root)
     subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--quiet", str(wheel)], check=True,
-                   capture_output=True, timeout=300, env=env)
+                   capture_output=True, timeout=300, env=ENV)
     elsewhere = root / "elsewhere"
     elsewhere.mkdir()
-    return {"wheel": wheel, "python": python, "bin": venv / "bin", "cwd": elsewhere, "env": env}
+    return {"wheel": wheel, "python": python, "bin": python.parent, "cwd": elsewhere, "env": ENV}
 
 
 def run(installed: dict, *command: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -78,6 +92,18 @@ def test_installed_package_runs_from_any_folder(installed):
     assert printed.returncode == 0, printed.stderr[-2000:]
     assert "class_path: lightning_mim.methods.mae.MAE3D" in printed.stdout
     assert "accelerator: cpu" in printed.stdout
+
+
+def test_editable_install_finds_the_checkouts_recipes_from_any_folder(tmp_path):
+    """``pip install -e .`` (what ``make`` does): the recipes are the checkout's own files."""
+    source = project_copy(tmp_path)
+    python = fresh_environment(tmp_path)
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet", "-e",
+                    str(source)], check=True, capture_output=True, timeout=300, env=ENV)
+    found = subprocess.run([str(python), "-c", "from lightning_mim.recipes import find_recipe; print(find_recipe('smit'))"],
+                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert found.returncode == 0, found.stderr
+    assert Path(found.stdout.strip()) == source / "experiments" / "smit.yaml"
 
 
 @pytest.mark.slow
