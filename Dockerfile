@@ -16,14 +16,14 @@ WORKDIR /workspace
 
 # The base image's CUDA torch satisfies the loose torch requirement of pyproject.toml, so pip keeps it
 # (requirements/constraints.txt pins a CPU test pair and is deliberately not used here).
-COPY pyproject.toml README.md ./
+# The recipes and trainer presets are installed with the package (setup.py) and also sit in the
+# working directory, so both `--config mae` and `--config experiments/mae.yaml` work.
+COPY pyproject.toml setup.py README.md ./
+COPY experiments ./experiments
 COPY lightning_mim ./lightning_mim
 COPY data_modules ./data_modules
 RUN pip install --no-cache-dir . \
     && python -c "import lightning_mim.cli, data_modules, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-
-# Recipes and trainer presets, so `--config experiments/...` works from the working directory.
-COPY experiments ./experiments
 
 ENTRYPOINT ["python", "-m", "lightning_mim"]
 CMD ["--help"]

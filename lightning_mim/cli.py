@@ -6,7 +6,9 @@ by ``class_path`` in YAML (subclass mode), so experiments choose methods in conf
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -17,7 +19,9 @@ import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lightning_mim.console import mute_known_library_noise, program_name
 from lightning_mim.loggers import MIMWandbLogger
+from lightning_mim.recipes import RecipeNotFound, resolve_config_arguments, shipped_recipes
 from lightning_mim.reliability.checkpoint_io import UNREADABLE, checkpoint_error, use_atomic_checkpoints
 from lightning_mim.reliability.nan_guard import NonFiniteGuard
 from lightning_mim.reliability.preemption import PreemptionCheckpoint, TrainingPreempted
@@ -29,6 +33,14 @@ EXTRA_COMMANDS: dict[str, str] = {
     "compare": "lightning_mim.segmentation.compare:main",
     "demo": "lightning_mim.demo:main",
     "check-data": "lightning_mim.reliability.check_data:main",
+}
+
+# One line per LightningCLI stage for ``--help`` (Lightning's own docstrings describe the Trainer method).
+STAGE_SUMMARIES: dict[str, str] = {
+    "fit": "Train a method or a segmentation network from --config recipes; writes the run folder.",
+    "validate": "Evaluate a model on the validation split (weights from --ckpt_path).",
+    "test": "Evaluate on the test split; fine-tuning writes per-organ Dice and HD95 (test_metrics.csv).",
+    "predict": "Run a model on data; segmentation writes label maps as NIfTI in the input geometry.",
 }
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -81,7 +93,10 @@ class SaveConfigToRun(SaveConfigCallback):
             experiment = getattr(logger, "experiment", None)
             if trainer.is_global_zero and experiment is not None and hasattr(experiment, "config"):
                 experiment.config.update({"lightning_config": yaml.safe_load(text)}, allow_val_change=True)
-                experiment.save(str(folder / self.config_filename), base_path=str(folder), policy="now")
+                # Written inside W&B's own files folder, so it is saved as is (no symlink, no W&B warning).
+                in_run = Path(experiment.dir) / self.config_filename
+                in_run.write_text(text)
+                experiment.save(str(in_run), base_path=experiment.dir, policy="now")
         skipped = getattr(trainer.datamodule, "skipped_cases", None) if trainer.datamodule is not None else None
         if skipped and trainer.is_global_zero:
             (folder / SKIPPED_CASES_FILE).write_text(json.dumps(skipped, indent=1))
@@ -104,7 +119,7 @@ class MIMCLI(LightningCLI):
             save_config_kwargs={"overwrite": True, "config_filename": "lightning_config.yaml", "save_to_log_dir": False},
             trainer_defaults=TRAINER_DEFAULTS,
             seed_everything_default=0,
-            parser_kwargs={"default_env": True},
+            parser_kwargs={"default_env": True, "prog": program_name()},
             args=args,
             run=run,
         )
@@ -176,12 +191,52 @@ def run_extra_command(name: str, argv: list[str]) -> int:
     return int(getattr(importlib.import_module(module_name), func)(argv) or 0)
 
 
+def command_summary(target: str) -> str:
+    """First docstring line of a project command's module, read without importing it, minus its usage prefix."""
+    module_name = target.split(":")[0]
+    spec = importlib.util.find_spec(module_name)
+    source = Path(spec.origin).read_text(encoding="utf-8") if spec and spec.origin else ""
+    line = (ast.get_docstring(ast.parse(source)) or "").strip().splitlines()[:1]
+    text = line[0] if line else ""
+    if text.startswith("``") and ": " in text:  # "``python -m lightning_mim demo``: what it does"
+        text = text.split(": ", 1)[1]
+    return text[:1].upper() + text[1:]
+
+
+def top_level_help() -> str:
+    """Every command with one line: the LightningCLI stages, then the project commands (EXTRA_COMMANDS)."""
+    prog = program_name()
+    rows = [(name, STAGE_SUMMARIES.get(name, "")) for name in LightningCLI.subcommands()]
+    extra = [(name, command_summary(target)) for name, target in EXTRA_COMMANDS.items()]
+    width = max(len(name) for name, _ in rows + extra) + 2
+    lines = [f"usage: {prog} <command> [options]", "",
+             "Masked image modeling pre-training and segmentation fine-tuning of 3D medical images.", "",
+             "training stages (LightningCLI: --config FILE, repeatable; dotted overrides such as --model.lr 1e-4):"]
+    lines += [f"  {name:<{width}}{text}" for name, text in rows]
+    lines += ["", "project commands:"]
+    lines += [f"  {name:<{width}}{text}" for name, text in extra]
+    recipes = [name.removesuffix(".yaml") for name in shipped_recipes() if "/" not in name]
+    lines += ["", f"shipped recipes (--config NAME works from any folder): {', '.join(recipes)};",
+              "  also trainer/<cpu|gpu|multi_gpu|multi_node>, demo/<name>, sweeps/<name> (docs: README, Configs)"]
+    lines += ["", f"'{prog} <command> --help' lists the options of a command."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    mute_known_library_noise()
     words = list(sys.argv[1:] if argv is None else argv)
+    if not words or words[0] in ("-h", "--help"):
+        print(top_level_help())
+        return 0 if words else 2
+    try:
+        words = resolve_config_arguments(words)
+    except RecipeNotFound as error:
+        print(f"{program_name()}: {error}", file=sys.stderr)
+        return 2
     if words and words[0] in EXTRA_COMMANDS:
         return run_extra_command(words[0], words[1:])
     try:
-        MIMCLI(args=argv)
+        MIMCLI(args=words)
     except TrainingPreempted as preempted:  # a checkpoint was saved: a clean stop, resumable
         print(f"lightning_mim: {preempted}", file=sys.stderr)
         return 0

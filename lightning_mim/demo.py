@@ -21,9 +21,9 @@ from jsonargparse import ArgumentParser
 
 from lightning_mim.segmentation.compare import Comparison, compare
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments" / "demo"
-PRETRAIN_CONFIG = EXPERIMENTS / "pretrain_mae.yaml"
-FINETUNE_CONFIG = EXPERIMENTS / "finetune_unetr.yaml"
+# Shipped recipe names (lightning_mim.recipes): found from any folder once the package is installed.
+PRETRAIN_CONFIG = "experiments/demo/pretrain_mae.yaml"
+FINETUNE_CONFIG = "experiments/demo/finetune_unetr.yaml"
 STAGES = ("pretrain", "finetune", "comparison")
 #: --fast: a handful of steps on a 5-case cohort of small phantoms (the test suite runs this).
 FAST_DATA = ["--data.init_args.phantom_cases", "5", "--data.init_args.phantom_shape", "[64, 64, 24]",

@@ -109,6 +109,8 @@ class MIMWandbLogger(WandbLogger):
         kwargs.setdefault("resume", "allow")
         super().__init__(name=name, save_dir=save_dir, offline=offline, id=run_id, project=project,
                          log_model=log_model, group=group, tags=tags, **kwargs)
+        if self._wandb_init.get("anonymous") is None:  # Lightning always passes it; W&B warns it is deprecated
+            self._wandb_init.pop("anonymous", None)
         self.run_dir = Path(save_dir) / project / run_id
         self._preempted = False
 

@@ -24,8 +24,8 @@ from lightning_mim.losses.reconstruction import masked_patch_loss
 from lightning_mim.masking.grid import patchify, unflatten_mask, upsample_mask
 from lightning_mim.masking.guided import guided_mask
 from lightning_mim.masking.random import num_masked, random_mask
+from lightning_mim.masking.visuals import reconstruction_visuals
 from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput
-from lightning_mim.methods.mae import reconstruction_visuals
 from lightning_mim.methods.guided_schedules import GuidedMaskingSchedules
 from lightning_mim.schedules import DifficultyKind, epochs_in
 from lightning_mim.teachers import EMATeacher
