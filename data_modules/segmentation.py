@@ -57,19 +57,27 @@ FOREGROUND_MAP = "foreground"
 
 # --------------------------------------------------------------------------- cases
 def cases_from_paired_folders(folder: str | Path) -> list[Case]:
-    """Images and labels in ``folder/images`` + ``folder/labels`` (or MSD's ``imagesTr`` + ``labelsTr``), matched by name."""
+    """Labelled cases of a folder: ``images/`` + ``labels/`` (or MSD's ``imagesTr/`` + ``labelsTr/``)
+    matched by name, or images with their label maps side by side (``case_image.nii.gz`` +
+    ``case_label.nii.gz``, ``case01/image.nii.gz`` + ``case01/seg.nii.gz``; see
+    :func:`~data_modules.sources.cases_from_folder`). Every image needs its label map."""
     root = Path(folder).expanduser()
     for images_name, labels_name in (("images", "labels"), ("imagesTr", "labelsTr")):
         if (root / images_name).is_dir() and (root / labels_name).is_dir():
-            break
-    else:
-        raise DataSourceError(f"{root}: expected sub-folders 'images/' and 'labels/' (or 'imagesTr/' and 'labelsTr/')")
-    images = {c.case_id: c.image for c in cases_from_folder(root / images_name)}
-    labels = {c.case_id: c.image for c in cases_from_folder(root / labels_name)}
-    unmatched = sorted(set(images) ^ set(labels))
-    if unmatched:
-        raise DataSourceError(f"{root}: images and labels must pair up by name; unmatched: {', '.join(unmatched[:20])}")
-    return [Case(case_id=key, image=images[key], label=labels[key]) for key in sorted(images)]
+            images = {c.case_id: c.image for c in cases_from_folder(root / images_name)}
+            labels = {c.case_id: c.image for c in cases_from_folder(root / labels_name)}
+            unmatched = sorted(set(images) ^ set(labels))
+            if unmatched:
+                raise DataSourceError(f"{root}: images and labels must pair up by name; unmatched: {', '.join(unmatched[:20])}")
+            return [Case(case_id=key, image=images[key], label=labels[key]) for key in sorted(images)]
+    cases = cases_from_folder(root, with_labels=True)
+    unlabelled = [str(c.image) for c in cases if c.label is None]
+    if unlabelled:
+        raise DataSourceError(
+            f"{root}: {len(unlabelled)} image(s) without a label map: {', '.join(unlabelled[:10])}. Put label maps beside "
+            "their images named <name>_label / _seg / _mask (or in images/ + labels/ sub-folders), one per image"
+        )
+    return cases
 
 
 def labelled_subset(cases: Sequence[Any], fraction: float = 1.0, count: int | None = None, seed: int = 0) -> list[Any]:
@@ -198,7 +206,8 @@ class SegmentationDataModule(PatchQueueDataModule):
             training cases are held out instead (by subject, from ``seed``).
         test_key: labelled section for ``test``; None = the validation cases (BTCV convention).
         predict_key: section for ``predict`` (labels optional); None = the test cases.
-        folder: paired folders ``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/``), matched by name.
+        folder: paired folders ``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/``), matched by name,
+            or images and label maps side by side (see :func:`cases_from_paired_folders`).
         csv: CSV with ``image`` and ``label`` columns (optional ``case_id``). Sources other than a
             datalist with a validation section are split with ``val_fraction``. With no source, the
             embedded phantom cohort (with its organ labels and names) is used.
