@@ -361,3 +361,56 @@ def test_every_method_export_loads_strictly_into_its_segmentation_network(recipe
     assert report.ok and not notes and len(report.loaded) == len(file.state_dict)
     state = network.state_dict()  # AnatoMask writes bare encoder keys; the loader adds the "encoder." prefix
     assert all(torch.equal(state[k if k in state else f"encoder.{k}"], v) for k, v in file.state_dict.items())
+
+
+def test_export_encoder_command_ends_in_one_line_naming_the_checkpoint(tmp_path, capsys):
+    from lightning_mim.cli import main
+
+    torch.manual_seed(0)
+    model = MAE3D(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, decoder_dim=24, decoder_depth=1,
+                  decoder_heads=2)
+    checkpoint = tmp_path / "fine_patches.ckpt"
+    _fit_one_step(model, tmp_path).save_checkpoint(checkpoint)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    capsys.readouterr()  # what fitting printed
+    for path, reason in ((checkpoint, "this ViT cannot be exported for MONAI UNETR: patch size 8"),
+                         (garbage, "not a readable Lightning checkpoint")):
+        assert main(["export-encoder", "--checkpoint", str(path), "--model_class", "lightning_mim.methods.mae.MAE3D"]) == 1
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 1
+        assert captured.err.startswith(f"export-encoder: {path}: ") and reason in captured.err
+    assert not (tmp_path / "encoder.pt").exists()
+
+
+def test_fine_tuning_warns_for_each_preprocessing_difference_and_stops_on_a_channel_count(mae_file, tmp_path):
+    from data_modules.presets import preset
+    from data_modules.segmentation import SegmentationDataModule
+    from lightning_mim.segmentation.weights import preprocessing_differences
+
+    _, _, path = mae_file
+    pretraining = SegmentationDataModule(preprocessing="ct_abdomen_btcv", patch_size=32, augmentation=None).describe()
+    meta = {**read_encoder_file(path).meta, "preprocessing": pretraining["preprocessing"], "modality": "ct",
+            "roi_size": [32, 32, 32]}
+    same = SegmentationDataModule(preprocessing="ct_abdomen_btcv", patch_size=32, augmentation=None)
+    assert preprocessing_differences(meta, same.describe()) == []
+
+    lps = {**preset("mri_zscore").to_dict(), "orientation": "LPS"}
+    other = SegmentationDataModule(preprocessing=preset("mri_zscore").__class__(**lps), patch_size=64,
+                                   augmentation=None)
+    notes = preprocessing_differences(meta, other.describe())
+    fields = [note.split(":")[0] for note in notes]
+    assert fields == ["preprocessing orientation", "preprocessing spacing", "preprocessing intensity",
+                      "preprocessing modality", "patch size"]
+    assert "encoder pre-trained with 'RAS', fine-tuning data use 'LPS'" in notes[0]
+
+    file = read_encoder_file(path)
+    save_encoder(EncoderFile(file.state_dict, meta), tmp_path / "encoder.pt")
+    module = SegmentationModule(num_classes=3, pretrained=str(tmp_path / "encoder.pt"), roi_size=32, warmup_epochs=0)
+    with pytest.warns(UserWarning, match=r"encoder.pt: preprocessing orientation: encoder pre-trained with 'RAS'"):
+        module.check_data_matches(SegmentationDataModule(preprocessing=preset("mri_zscore").__class__(**lps),
+                                                         patch_size=32, augmentation=None))
+    two_channels = SegmentationDataModule(preprocessing="ct_abdomen_btcv", patch_size=32, augmentation=None,
+                                          in_channels=2)
+    with pytest.raises(ValueError, match=r"the data have 2 image channel\(s\) but the network takes 1; set model.in_channels: 2"):
+        module.check_data_matches(two_channels)

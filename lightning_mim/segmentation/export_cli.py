@@ -37,7 +37,9 @@ def main(argv: list[str]) -> int:
     try:
         path = export_encoder(**args.as_dict())
     except (EncoderFileError, ValueError, NotImplementedError) as error:  # the file or the method cannot export
-        print(f"export-encoder: {args.checkpoint}: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # loaders' messages span lines; the error is one
+        where = "" if message.startswith(str(args.checkpoint)) else f"{args.checkpoint}: "
+        print(f"export-encoder: {where}{message}", file=sys.stderr)
         return 1
     print(f"encoder written to {path}")
     return 0
