@@ -286,7 +286,9 @@ class SegmentationModule(L.LightningModule):
         prediction = self.predict_volume(batch["image"])
         written = []
         for i, case_id in enumerate(batch["case_id"]):
-            path = write_prediction(prediction[i], datamodule.original_geometry(case_id), folder / f"{case_id}.nii.gz")
+            geometry = datamodule.original_geometry(case_id)
+            path = write_prediction(prediction[i], geometry, folder / f"{case_id}.nii.gz")
+            print(f"predict: {geometry['source']} -> {path}", flush=True)  # every rank writes its own cases
             written.append({"case_id": case_id, "path": str(path)})
         return written
 
