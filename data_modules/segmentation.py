@@ -92,6 +92,19 @@ def cases_from_paired_folders(folder: str | Path) -> list[Case]:
     return cases
 
 
+def dataset_name(datalist: str | None = None, folder: str | None = None, csv: str | None = None,
+                 phantom_cases: int = 12, phantom_shape: Sequence[int] = (160, 160, 64), phantom_seed: int = 0,
+                 **_: Any) -> str:
+    """A short name of the data a configuration reads, recorded with results so ``compare`` keeps
+    data sets apart: the source's last two path parts, or the phantom cohort's settings. Accepts a
+    data module's ``init_args`` as keyword arguments."""
+    source = datalist or folder or csv
+    if source:
+        path = Path(source).expanduser()
+        return "/".join(path.parts[-2:])
+    return f"phantoms ({phantom_cases} cases, {'x'.join(str(int(s)) for s in phantom_shape)}, seed {phantom_seed})"
+
+
 def labelled_subset(cases: Sequence[Any], fraction: float = 1.0, count: int | None = None, seed: int = 0) -> list[Any]:
     """The first ``count`` (or ``max(1, round(fraction·N))``) cases of a seeded permutation of the sorted ids.
 
@@ -491,6 +504,8 @@ class SegmentationDataModule(PatchQueueDataModule):
     def describe(self) -> dict[str, Any]:
         """Data settings recorded with results (and in exported metadata)."""
         return {
+            "dataset": dataset_name(self.datalist, self.folder, self.csv, self.phantom_cases, self.phantom_shape,
+                                    self.phantom_seed),
             "modality": self.preprocessing.modality,
             "preprocessing": self.preprocessing.to_dict(),
             "spacing": None if self.preprocessing.spacing is None else list(self.preprocessing.spacing),

@@ -226,7 +226,7 @@ class SegmentationModule(L.LightningModule):
     def _result_columns(self) -> dict[str, Any]:
         describe = getattr(getattr(self.trainer, "datamodule", None), "describe", None)
         data = describe() if callable(describe) else {}
-        return {"method": self.method_name, "label_fraction": data.get("label_fraction"),
+        return {"dataset": data.get("dataset"), "method": self.method_name, "label_fraction": data.get("label_fraction"),
                 "num_labelled": data.get("num_labelled"), "seed": data.get("seed")}
 
     def _log_summary(self, stage: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -271,7 +271,8 @@ class SegmentationModule(L.LightningModule):
         for logger in self.trainer.loggers:  # W&B: the files travel with the run (offline folders, sync, download)
             experiment = getattr(logger, "experiment", None)
             if experiment is not None and hasattr(experiment, "summary") and hasattr(experiment, "save"):
-                experiment.summary.update({"test/method": self.method_name, "test/label_fraction": columns["label_fraction"],
+                experiment.summary.update({"test/dataset": columns["dataset"], "test/method": self.method_name,
+                                           "test/label_fraction": columns["label_fraction"],
                                            "test/num_labelled": columns["num_labelled"]})
                 for path in (csv_path, folder / TEST_SUMMARY):
                     experiment.save(str(path), base_path=str(folder), policy="now")
