@@ -339,7 +339,7 @@ def test_every_method_export_loads_strictly_into_its_segmentation_network(recipe
 
     import yaml
 
-    from lightning_mim.segmentation.module import SegmentationModule, resolve_network
+    from lightning_mim.segmentation.module import resolve_network
 
     root = Path(__file__).resolve().parent.parent
     if not (root / "tests" / "configs" / f"{tiny}.yaml").is_file():

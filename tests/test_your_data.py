@@ -9,12 +9,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
-from volume_files import ct_volume, write_dicom_series, write_image  # noqa: E402
+from volume_files import ct_volume, write_dicom_series, write_image
 
-from data_modules import read_image  # noqa: E402
-from lightning_mim.cli import main  # noqa: E402
+from data_modules import read_image
+from lightning_mim.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 FINETUNE = ["--config", str(REPO / "experiments/finetune_phantoms.yaml"),
@@ -69,3 +70,44 @@ def test_predict_new_images_with_one_argument_writes_each_in_its_input_geometry(
         assert prediction.shape == reference.spatial_shape, name
         np.testing.assert_allclose(prediction.affine, reference.affine, atol=1e-4)
         assert set(np.unique(np.asarray(prediction.dataobj))) <= set(range(9))
+
+
+@pytest.mark.slow
+def test_the_readme_walkthrough_from_check_data_to_predict_on_a_users_folder(tmp_path, capsys):
+    """check-data → fit (a 2-block ViT) → export-encoder → fine-tune (ViTUNETR) → predict, on files written here."""
+    import wandb
+
+    mine = tmp_path / "my_ct"
+    for index in range(3):
+        write_image(mine / f"patient{index}_image.nii.gz", ct_volume(SHAPE, seed=index), spacing=(1.5, 1.5, 2.0))
+        write_image(mine / f"patient{index}_label.nii.gz", organs(), spacing=(1.5, 1.5, 2.0))
+    write_image(tmp_path / "new" / "patient9.nii.gz", ct_volume(SHAPE, seed=9), spacing=(0.8, 0.8, 2.5))
+    cache = ["--data.init_args.cache_dir", str(tmp_path / "cache")]
+    mae = ["--config", str(REPO / "experiments/mae.yaml"), "--config", str(REPO / "tests/configs/mae_tiny.yaml"),
+           "--data.init_args.folder", str(mine), *cache]
+    assert main(["check-data", *mae]) == 0
+    assert "3 of 3 case(s) ok, 0 bad" in capsys.readouterr().out
+
+    main(["fit", *mae, "--trainer.max_steps", "2", "--trainer.logger.init_args.save_dir", str(tmp_path / "my_mae")])
+    wandb.finish()
+    (run,) = (tmp_path / "my_mae" / "lightning-mim").iterdir()
+    assert (run / "encoder.pt").is_file()  # written at the end of fit, for a 2-block ViT too
+    assert main(["export-encoder", "--checkpoint", str(run / "checkpoints" / "last.ckpt"),
+                 "--output", str(tmp_path / "encoder.pt")]) == 0
+
+    finetune = [*FINETUNE, "--data.init_args.folder", str(mine), "--data.init_args.class_names", "[liver, spleen]",
+                "--model.init_args.num_classes", "3", "--data.init_args.val_fraction", "0.34", *cache]
+    capsys.readouterr()
+    main(["fit", *finetune, "--model.init_args.pretrained", str(tmp_path / "encoder.pt"), "--trainer.max_steps", "2",
+          "--trainer.logger.init_args.save_dir", str(tmp_path / "ft_mae")])
+    wandb.finish()
+    (ft_run,) = (tmp_path / "ft_mae" / "lightning-mim").iterdir()
+    main(["predict", *finetune, "--ckpt_path", str(ft_run / "checkpoints" / "last.ckpt"),
+          "--data.init_args.predict_images", str(tmp_path / "new"),
+          "--model.init_args.prediction_dir", str(tmp_path / "predictions")])
+    wandb.finish()
+    out = capsys.readouterr().out
+    prediction = tmp_path / "predictions" / "patient9.nii.gz"
+    assert f"predict: {tmp_path / 'new' / 'patient9.nii.gz'} -> {prediction}" in out
+    assert nib.load(prediction).shape == SHAPE
+    assert set(np.unique(np.asarray(nib.load(prediction).dataobj))) <= {0, 1, 2}

@@ -67,9 +67,8 @@ def test_ambiguous_or_orphan_labels_are_not_paired_and_are_reported(tmp_path):
     assert "a_label.nii.gz: ambiguous pairing with 2 image(s)" in message
     assert "z_seg.nii.gz: label map with no image of the same name" in message
     assert all(c.label is None for c in cases)
-    with pytest.raises(DataSourceError, match=r"2 image\(s\) without a label map"):
-        with pytest.warns(UserWarning):
-            cases_from_paired_folders(tmp_path)
+    with pytest.raises(DataSourceError, match=r"2 image\(s\) without a label map"), pytest.warns(UserWarning):
+        cases_from_paired_folders(tmp_path)
 
 
 def test_a_folder_of_only_label_maps_is_an_error_saying_so(tmp_path):
