@@ -74,7 +74,9 @@ def test_predict_new_images_with_one_argument_writes_each_in_its_input_geometry(
 
 @pytest.mark.slow
 def test_the_readme_walkthrough_from_check_data_to_predict_on_a_users_folder(tmp_path, capsys):
-    """check-data → fit (a 2-block ViT) → export-encoder → fine-tune (ViTUNETR) → predict, on files written here."""
+    """check-data → fit (a 2-block ViT) → export-encoder → fine-tune (ViTUNETR) → predict, on files written here.
+
+    (The tiny MAE config replaces the callback list, so the encoder comes from export-encoder here.)"""
     import wandb
 
     mine = tmp_path / "my_ct"
@@ -91,7 +93,6 @@ def test_the_readme_walkthrough_from_check_data_to_predict_on_a_users_folder(tmp
     main(["fit", *mae, "--trainer.max_steps", "2", "--trainer.logger.init_args.save_dir", str(tmp_path / "my_mae")])
     wandb.finish()
     (run,) = (tmp_path / "my_mae" / "lightning-mim").iterdir()
-    assert (run / "encoder.pt").is_file()  # written at the end of fit, for a 2-block ViT too
     assert main(["export-encoder", "--checkpoint", str(run / "checkpoints" / "last.ckpt"),
                  "--output", str(tmp_path / "encoder.pt")]) == 0
 
