@@ -102,7 +102,7 @@ def dataset_name(datalist: str | None = None, folder: str | None = None, csv: st
     if source:
         path = Path(source).expanduser()
         return "/".join(path.parts[-2:])
-    return f"phantoms ({phantom_cases} cases, {'x'.join(str(int(s)) for s in phantom_shape)}, seed {phantom_seed})"
+    return f"phantoms ({phantom_cases} cases {'x'.join(str(int(s)) for s in phantom_shape)} seed {phantom_seed})"
 
 
 def labelled_subset(cases: Sequence[Any], fraction: float = 1.0, count: int | None = None, seed: int = 0) -> list[Any]:
