@@ -112,7 +112,9 @@ def _segmentation_problems(model: Mapping[str, Any], data_cls: type | None, data
                         f"together: set --model.roi_size {_size(patch)} (or --data.patch_size {_size(roi)})")
     target = model.get("network") or "unetr"
     pretrained = model.get("pretrained")
-    if pretrained and not str(pretrained).endswith(".ckpt"):
+    if pretrained and str(pretrained).endswith(".ckpt"):
+        target = None  # a pre-training checkpoint names its network only once its module is rebuilt
+    elif pretrained:
         try:
             target = read_encoder_file(pretrained).target
         except EncoderFileError as error:
