@@ -105,7 +105,8 @@ def test_the_readme_walkthrough_from_check_data_to_predict_on_a_users_folder(tmp
     (ft_run,) = (tmp_path / "ft_mae" / "lightning-mim").iterdir()
     main(["predict", *finetune, "--ckpt_path", str(ft_run / "checkpoints" / "last.ckpt"),
           "--data.init_args.predict_images", str(tmp_path / "new"),
-          "--model.init_args.prediction_dir", str(tmp_path / "predictions")])
+          "--model.init_args.prediction_dir", str(tmp_path / "predictions"),
+          "--trainer.logger.init_args.save_dir", str(tmp_path / "ft_mae")])
     wandb.finish()
     out = capsys.readouterr().out
     prediction = tmp_path / "predictions" / "patient9.nii.gz"
