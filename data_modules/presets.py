@@ -189,15 +189,17 @@ def _crop_to_foreground(subject: tio.Subject, threshold: float) -> tio.Subject:
 _CT_WINDOW = dict(modality="ct", intensity="window", window=(-175.0, 250.0), output_range=(0.0, 1.0))
 _CT_WIDE = dict(modality="ct", intensity="window", window=(-1000.0, 1000.0), foreground_threshold=-1000.0)
 
+#: Every preset states its orientation (the README's preset table is checked against this dict).
 PRESETS: dict[str, Preprocessing] = {
     # SMIT/SwinUNETR/UNETR BTCV fine-tuning, SelfMedMAE.
     "ct_abdomen_btcv": Preprocessing(
         **_CT_WINDOW, orientation="RAS", spacing=(1.5, 1.5, 2.0), crop_foreground=True, foreground_threshold=-175.0
     ),
-    # SMIT pre-training: no reorientation, 2 mm isotropic, pad to the 128³ context crop.
+    # SMIT pre-training: 2 mm isotropic, pad to the 128³ context crop. RAS like the fine-tuning presets, so
+    # the encoder never sees axes flipped relative to fine-tuning (SMIT's own code keeps the file's order).
     "ct_smit_pretrain": Preprocessing(
         **_CT_WINDOW,
-        orientation=None,
+        orientation="RAS",
         spacing=(2.0, 2.0, 2.0),
         crop_foreground=True,
         foreground_threshold=-175.0,

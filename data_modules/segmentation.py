@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 import torchio as tio
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, Dataset
@@ -48,7 +49,18 @@ from .phantoms import ensure_phantom_cohort
 from .presets import Preprocessing, resolve_preprocessing
 from .patch_queue import PatchQueueDataModule
 from .resumable import ResumableLoader
-from .sources import Case, DataSourceError, cases_from_csv, cases_from_datalist, cases_from_folder, split_by_subject
+from .sources import (
+    IMAGE_SUFFIXES,
+    Case,
+    DataSourceError,
+    cases_from_csv,
+    cases_from_datalist,
+    cases_from_folder,
+    combine_cases,
+    image_suffix,
+    split_by_subject,
+    strip_image_suffix,
+)
 from .validation import ON_BAD_CASE_CHOICES, OnBadCase, ValidationLimits, ValidationSettings, check_and_select
 from .views import as_triple
 
@@ -57,19 +69,40 @@ FOREGROUND_MAP = "foreground"
 
 # --------------------------------------------------------------------------- cases
 def cases_from_paired_folders(folder: str | Path) -> list[Case]:
-    """Images and labels in ``folder/images`` + ``folder/labels`` (or MSD's ``imagesTr`` + ``labelsTr``), matched by name."""
+    """Labelled cases of a folder: ``images/`` + ``labels/`` (or MSD's ``imagesTr/`` + ``labelsTr/``)
+    matched by name, or images with their label maps side by side (``case_image.nii.gz`` +
+    ``case_label.nii.gz``, ``case01/image.nii.gz`` + ``case01/seg.nii.gz``; see
+    :func:`~data_modules.sources.cases_from_folder`). Every image needs its label map."""
     root = Path(folder).expanduser()
     for images_name, labels_name in (("images", "labels"), ("imagesTr", "labelsTr")):
         if (root / images_name).is_dir() and (root / labels_name).is_dir():
-            break
-    else:
-        raise DataSourceError(f"{root}: expected sub-folders 'images/' and 'labels/' (or 'imagesTr/' and 'labelsTr/')")
-    images = {c.case_id: c.image for c in cases_from_folder(root / images_name)}
-    labels = {c.case_id: c.image for c in cases_from_folder(root / labels_name)}
-    unmatched = sorted(set(images) ^ set(labels))
-    if unmatched:
-        raise DataSourceError(f"{root}: images and labels must pair up by name; unmatched: {', '.join(unmatched[:20])}")
-    return [Case(case_id=key, image=images[key], label=labels[key]) for key in sorted(images)]
+            images = {c.case_id: c.image for c in cases_from_folder(root / images_name)}
+            labels = {c.case_id: c.image for c in cases_from_folder(root / labels_name)}
+            unmatched = sorted(set(images) ^ set(labels))
+            if unmatched:
+                raise DataSourceError(f"{root}: images and labels must pair up by name; unmatched: {', '.join(unmatched[:20])}")
+            return [Case(case_id=key, image=images[key], label=labels[key]) for key in sorted(images)]
+    cases = cases_from_folder(root, with_labels=True)
+    unlabelled = [str(c.image) for c in cases if c.label is None]
+    if unlabelled:
+        raise DataSourceError(
+            f"{root}: {len(unlabelled)} image(s) without a label map: {', '.join(unlabelled[:10])}. Put label maps beside "
+            "their images named <name>_label / _seg / _mask (or in images/ + labels/ sub-folders), one per image"
+        )
+    return cases
+
+
+def dataset_name(datalist: str | None = None, folder: str | None = None, csv: str | None = None,
+                 phantom_cases: int = 12, phantom_shape: Sequence[int] = (160, 160, 64), phantom_seed: int = 0,
+                 **_: Any) -> str:
+    """A short name of the data a configuration reads, recorded with results so ``compare`` keeps
+    data sets apart: the source's last two path parts, or the phantom cohort's settings. Accepts a
+    data module's ``init_args`` as keyword arguments."""
+    source = datalist or folder or csv
+    if source:
+        path = Path(source).expanduser()
+        return "/".join(path.parts[-2:])
+    return f"phantoms ({phantom_cases} cases {'x'.join(str(int(s)) for s in phantom_shape)} seed {phantom_seed})"
 
 
 def labelled_subset(cases: Sequence[Any], fraction: float = 1.0, count: int | None = None, seed: int = 0) -> list[Any]:
@@ -198,7 +231,11 @@ class SegmentationDataModule(PatchQueueDataModule):
             training cases are held out instead (by subject, from ``seed``).
         test_key: labelled section for ``test``; None = the validation cases (BTCV convention).
         predict_key: section for ``predict`` (labels optional); None = the test cases.
-        folder: paired folders ``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/``), matched by name.
+        predict_images: new images for ``predict``, no datalist needed: a folder (searched like a
+            pre-training folder; label files are skipped), an image file, a DICOM series folder, or
+            a list of these. At predict time only these are read; overrides ``predict_key``.
+        folder: paired folders ``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/``), matched by name,
+            or images and label maps side by side (see :func:`cases_from_paired_folders`).
         csv: CSV with ``image`` and ``label`` columns (optional ``case_id``). Sources other than a
             datalist with a validation section are split with ``val_fraction``. With no source, the
             embedded phantom cohort (with its organ labels and names) is used.
@@ -231,6 +268,7 @@ class SegmentationDataModule(PatchQueueDataModule):
         val_key: str = "validation",
         test_key: str | None = None,
         predict_key: str | None = None,
+        predict_images: str | list[str] | None = None,
         folder: str | None = None,
         csv: str | None = None,
         preprocessing: str | Preprocessing = "ct_abdomen_btcv",
@@ -279,6 +317,7 @@ class SegmentationDataModule(PatchQueueDataModule):
                              "set augmentation.rotate90_prob: 0")
         self.datalist, self.train_key, self.val_key = datalist, train_key, val_key
         self.test_key, self.predict_key = test_key, predict_key
+        self.predict_images = [predict_images] if isinstance(predict_images, str) else predict_images
         self.folder, self.csv = folder, csv
         self.preprocessing = resolve_preprocessing(preprocessing).with_min_size(self.patch_size)
         self.samples_per_volume, self.queue_length = samples_per_volume, queue_length
@@ -308,10 +347,33 @@ class SegmentationDataModule(PatchQueueDataModule):
         return ensure_phantom_cohort(self.phantom_root, self.phantom_cases, self.phantom_shape, seed=self.phantom_seed,
                                      report=rank_zero_info)
 
+    def _predicting_new_images(self) -> bool:
+        trainer = self.trainer
+        return bool(self.predict_images) and trainer is not None and trainer.state.fn == TrainerFn.PREDICTING
+
+    def new_image_cases(self) -> list[Case]:
+        """The cases of ``predict_images``: every image of each folder (label files skipped), file or DICOM series."""
+        groups = []
+        for source in self.predict_images or []:
+            path = Path(source).expanduser()
+            if path.is_file() and image_suffix(path):
+                groups.append([Case(case_id=strip_image_suffix(path.name), image=path)])
+            elif path.is_file():
+                raise DataSourceError(f"{path}: not a supported image file ({', '.join(IMAGE_SUFFIXES)}); "
+                                      "pass a DICOM series as its folder")
+            else:
+                groups.append(cases_from_folder(path))
+        return combine_cases(groups)
+
     def discover(self) -> dict[str, list[Case]]:
-        """Cases per split: ``train`` (labelled subset), ``val``, ``test``, ``predict``."""
+        """Cases per split: ``train`` (labelled subset), ``val``, ``test``, ``predict``.
+
+        When predicting ``predict_images``, only those are discovered (nothing else is read).
+        """
         import json
 
+        if self._predicting_new_images():
+            return {"train": [], "val": [], "test": [], "predict": self.new_image_cases()}
         datalist = self._datalist_path()
         sections: list[str] = []
         if datalist is not None:
@@ -333,7 +395,10 @@ class SegmentationDataModule(PatchQueueDataModule):
         else:
             train, val = split_by_subject(train, self.val_fraction, self.seed)
         test = cases_from_datalist(datalist, self.test_key) if self.test_key else val
-        predict = cases_from_datalist(datalist, self.predict_key) if self.predict_key else test
+        if self.predict_images:
+            predict = self.new_image_cases()
+        else:
+            predict = cases_from_datalist(datalist, self.predict_key) if self.predict_key else test
         for name, group in (("validation", val), ("test", test)):
             if any(c.label is None for c in group):
                 raise DataSourceError(f"every {name} case needs a label map (metrics); use predict_key for unlabelled cases")
@@ -387,6 +452,9 @@ class SegmentationDataModule(PatchQueueDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             self.splits = self._cache()
+            if self._predicting_new_images():
+                rank_zero_info(f"segmentation data: {len(self.splits['predict'])} new image(s) to predict")
+                return
             rank_zero_info(
                 f"segmentation data: {len(self.splits['train'])} labelled training case(s) of {len(self.all_train_cases)} "
                 f"(fraction {len(self.splits['train']) / max(len(self.all_train_cases), 1):.3g}, seed {self.seed}), "
@@ -436,13 +504,15 @@ class SegmentationDataModule(PatchQueueDataModule):
     def describe(self) -> dict[str, Any]:
         """Data settings recorded with results (and in exported metadata)."""
         return {
+            "dataset": dataset_name(self.datalist, self.folder, self.csv, self.phantom_cases, self.phantom_shape,
+                                    self.phantom_seed),
             "modality": self.preprocessing.modality,
             "preprocessing": self.preprocessing.to_dict(),
             "spacing": None if self.preprocessing.spacing is None else list(self.preprocessing.spacing),
             "patch_size": list(self.patch_size),
             # The fraction actually used (num_labelled / training cases), which result files report.
-            "label_fraction": round(len(self._split("train")) / len(self.all_train_cases), 4) if self.splits
-            else self.label_fraction,
+            "label_fraction": round(len(self._split("train")) / len(self.all_train_cases), 4)
+            if self.splits and self.all_train_cases else self.label_fraction,
             "num_labelled": len(self._split("train")) if self.splits else self.num_labelled,
             "num_train_cases": len(self.all_train_cases) if self.splits else None,
             "labelled_cases": self.labelled_case_ids if self.splits else None,

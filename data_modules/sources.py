@@ -13,6 +13,7 @@ import gzip
 import json
 import locale
 import os
+import re
 import warnings
 import zlib
 from collections import Counter
@@ -82,7 +83,79 @@ def _check_unique_ids(cases: Sequence[Case], origin: str) -> list[Case]:
     return list(cases)
 
 
-def cases_from_folder(folder: str | os.PathLike) -> list[Case]:
+#: Words that mark a file (``case_label.nii.gz``, ``label.nii.gz``) or a folder (``labelsTr/``,
+#: ``segmentations/``) as holding label maps rather than images.
+LABEL_WORDS = ("labels", "label", "segmentations", "segmentation", "segs", "seg", "masks", "mask", "gt",
+               "groundtruth", "ground_truth")
+#: Words that mark the image of a pair (``case_image.nii.gz``, ``imagesTr/``); stripped when pairing.
+IMAGE_WORDS = ("images", "image", "imgs", "img", "volumes", "volume", "vol", "scans", "scan")
+_WORDS = {kind: "|".join(sorted(words, key=len, reverse=True)) for kind, words in
+          (("label", LABEL_WORDS), ("image", IMAGE_WORDS))}
+#: ``case_label`` / ``case-seg`` / ``label``: (base, word); nnU-Net's channel suffix ``case_0000`` marks an image.
+_FILE_MARK = {kind: re.compile(rf"^(?:(.*?)[_\-.])?({words})$", re.IGNORECASE) for kind, words in _WORDS.items()}
+_NNUNET_CHANNEL = re.compile(r"^(.*)_\d{4}$")
+#: ``labelsTr`` / ``images`` / ``masks_test``: the folder's role word and what follows it (MSD's Tr/Ts).
+_FOLDER_MARK = {kind: re.compile(rf"^({words})[_\-]?(tr|ts|train|test|val)?$", re.IGNORECASE)
+                for kind, words in _WORDS.items()}
+
+
+def label_marker(relative: Path) -> str | None:
+    """Why a file at ``relative`` (inside a scanned folder) is a label map by its name, or None.
+
+    A folder on the path named like ``labels``/``labelsTr``/``segmentations``/``masks``, or a file
+    name ending in ``_label``, ``_seg``, ``_mask``, ``_gt``, ... (or being just ``label``, ``seg``...).
+    """
+    for part in relative.parts[:-1]:
+        if _FOLDER_MARK["label"].match(part):
+            return f"in a label folder ({part}/)"
+    match = _FILE_MARK["label"].match(strip_image_suffix(relative.name))
+    return f"name ends in '{match[2]}'" if match else None
+
+
+def _pairing_key(relative: Path, kind: str) -> tuple[str, str]:
+    """(folder, base name) under which an image and its label map meet.
+
+    Role folders count by what follows the role word (``imagesTr`` and ``labelsTr`` both give
+    ``tr``), and role words at the end of a file name are dropped (``case_image``, ``case_label``
+    and ``case`` all give ``case``; nnU-Net's ``case_0000`` gives ``case``).
+    """
+    folders = []
+    for part in relative.parts[:-1]:
+        role = _FOLDER_MARK["label"].match(part) or _FOLDER_MARK["image"].match(part)
+        folders.append(f"<{(role[2] or '').lower()}>" if role else part)
+    base = strip_image_suffix(relative.name)
+    match = _FILE_MARK[kind].match(base)
+    if match:
+        base = match[1] or ""
+    elif kind == "image" and _NNUNET_CHANNEL.match(base):
+        base = _NNUNET_CHANNEL.match(base)[1]
+    return "/".join(folders), base
+
+
+def _pair_labels(images: list[tuple[Path, Case]], labels: list[Path], root: Path) -> tuple[list[Case], list[str]]:
+    """Cases with their label maps attached where exactly one image and one label share a key; notes on the rest."""
+    image_keys: dict[tuple[str, str], list[int]] = {}
+    for index, (relative, _) in enumerate(images):
+        image_keys.setdefault(_pairing_key(relative, "image"), []).append(index)
+    label_keys: dict[tuple[str, str], list[Path]] = {}
+    for label in labels:
+        label_keys.setdefault(_pairing_key(label.relative_to(root), "label"), []).append(label)
+    cases = [case for _, case in images]
+    notes = []
+    for key, group in sorted(label_keys.items()):
+        owners = image_keys.get(key, [])
+        if len(group) == 1 and len(owners) == 1:
+            case = cases[owners[0]]
+            cases[owners[0]] = Case(case.case_id, case.image, group[0])
+        elif not owners:
+            notes.extend(f"{label}: label map with no image of the same name" for label in group)
+        else:
+            candidates = ", ".join(str(images[i][1].image) for i in owners)
+            notes.extend(f"{label}: ambiguous pairing with {len(owners)} image(s) ({candidates})" for label in group)
+    return cases, notes
+
+
+def cases_from_folder(folder: str | os.PathLike, with_labels: bool = False) -> list[Case]:
     """Every NIfTI/NRRD/MHA/MHD file and every DICOM series folder below ``folder``, recursively.
 
     Case ids are the paths relative to ``folder`` without extension (a series folder's id is its
@@ -90,13 +163,20 @@ def cases_from_folder(folder: str | os.PathLike) -> list[Case]:
     folders are skipped; other unknown files are ignored, but if nothing usable is found the error
     lists what was there. A folder holding files of more than one DICOM series is an error: the
     series would otherwise be silently mixed or dropped.
+
+    Label maps are never images: files whose name or folder marks them as labels (see
+    :func:`label_marker`: MSD's ``labelsTr/``, ``*_label``, ``*_seg``, ``*_mask``, ...) are set
+    aside. With ``with_labels`` each is attached to its image where the pairing is unambiguous
+    (same folder or the sibling role folder, same base name); a label map that pairs with no image
+    or with several is reported in a warning and not used.
     """
     root = Path(folder).expanduser()
     if not root.exists():
         raise DataSourceError(f"{root}: folder does not exist")
     if not root.is_dir():
         raise DataSourceError(f"{root}: is not a folder (pass files through a CSV or dataset.json)")
-    cases: list[Case] = []
+    images: list[tuple[Path, Case]] = []
+    labels: list[Path] = []
     ignored: Counter[str] = Counter()
     for directory, subdirs, files in os.walk(root, followlinks=True):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
@@ -105,8 +185,11 @@ def cases_from_folder(folder: str | os.PathLike) -> list[Case]:
         for name in sorted(f for f in files if not f.startswith(".")):
             path = here / name
             if image_suffix(path):
-                case_id = strip_image_suffix(path.relative_to(root).as_posix())
-                cases.append(Case(case_id=case_id, image=path))
+                relative = path.relative_to(root)
+                if label_marker(relative):
+                    labels.append(path)
+                else:
+                    images.append((relative, Case(case_id=strip_image_suffix(relative.as_posix()), image=path)))
             elif _is_dicom_file(path):
                 has_dicom = True
             else:
@@ -114,8 +197,15 @@ def cases_from_folder(folder: str | os.PathLike) -> list[Case]:
         if has_dicom:
             dicom_series_ids(here)  # raises on a folder with mixed series
             relative = here.relative_to(root).as_posix()
-            cases.append(Case(case_id=root.name if relative == "." else relative, image=here))
-    if not cases:
+            # Keyed like a file named after the series folder, so "ct_label.nii.gz" beside "ct/" pairs with it.
+            images.append((Path(relative + ".nii") if relative != "." else Path(root.name + ".nii"),
+                           Case(case_id=root.name if relative == "." else relative, image=here)))
+    if not images:
+        if labels:
+            raise DataSourceError(
+                f"{root}: only label maps found ({len(labels)}, e.g. {labels[0]}: {label_marker(labels[0].relative_to(root))}); "
+                "point the source at the images (files named *_label/*_seg/*_mask or in labels*/ folders are never images)"
+            )
         if not ignored:
             raise DataSourceError(f"{root}: folder is empty (no files found, hidden files ignored)")
         found = ", ".join(f"{suffix} ({count})" for suffix, count in ignored.most_common())
@@ -123,6 +213,12 @@ def cases_from_folder(folder: str | os.PathLike) -> list[Case]:
             f"{root}: no usable images found. Found {sum(ignored.values())} file(s): {found}. "
             f"Supported: {', '.join(IMAGE_SUFFIXES)} files and DICOM series folders."
         )
+    if with_labels:
+        cases, notes = _pair_labels(images, labels, root)
+        if notes:
+            warnings.warn(f"{root}: {len(notes)} label map(s) not used:\n  " + "\n  ".join(notes[:20]), stacklevel=2)
+    else:
+        cases = [case for _, case in images]
     return _check_unique_ids(cases, str(root))
 
 

@@ -71,7 +71,7 @@ from .sources import (
     read_label,
 )
 
-VALIDATION_VERSION = 1
+VALIDATION_VERSION = 2  # 2: images that look like label maps are bad cases
 OnBadCase = Literal["error", "skip"]
 ON_BAD_CASE_CHOICES = ("error", "skip")
 
@@ -343,9 +343,34 @@ def _check_voxels(path: Path, data: torch.Tensor, settings: ValidationSettings, 
     report.intensity = [low, high]
     if low == high:
         report.add(path, f"image is constant (every voxel is {low:g})")
+    elif (problem := label_map_problem(finite)) is not None:
+        report.add(path, problem)
     elif settings.foreground_threshold is not None and high <= settings.foreground_threshold:
         report.add(path, f"no voxel above the foreground threshold {settings.foreground_threshold:g} (maximum {high:g}): "
                          "the preset's foreground crop would be empty")
+
+
+#: An "image" with at most this many distinct non-negative integer values is taken for a label map.
+LABEL_MAP_MAX_LEVELS = 16
+
+
+def label_map_problem(data: torch.Tensor) -> str | None:
+    """Why ``data`` (an image's voxels) looks like a label map rather than an image, or None.
+
+    Label maps hold a few small non-negative integers (background and class indices); CT, MRI and
+    PET images hold hundreds of levels or negative values. Sampled on a strided subset first so a
+    real image is cleared without a full ``unique``.
+    """
+    flat = data.reshape(-1)
+    for values in (flat[:: max(1, flat.numel() // 65536)], flat):
+        if values.is_floating_point() and not bool((values == values.round()).all()):
+            return None
+        levels = torch.unique(values)
+        if len(levels) > LABEL_MAP_MAX_LEVELS or float(levels[0]) < 0:
+            return None
+    shown = ", ".join(f"{float(v):g}" for v in levels)
+    return (f"looks like a label map, not an image: only {len(levels)} distinct integer values ({shown}); "
+            "point the image entry at the scan, or name label files *_label/*_seg/*_mask")
 
 
 def _check_label_values(path: Path, data: torch.Tensor, settings: ValidationSettings, report: CaseReport) -> None:

@@ -19,6 +19,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lightning_mim.config_checks import ConfigError, check_config
 from lightning_mim.console import mute_known_library_noise, program_name
 from lightning_mim.loggers import MIMWandbLogger
 from lightning_mim.recipes import RecipeNotFound, resolve_config_arguments, shipped_recipes
@@ -145,7 +146,9 @@ class MIMCLI(LightningCLI):
             raise checkpoint_error(path, error) from error
 
     def before_instantiate_classes(self) -> None:
-        """``--auto_resume false`` also stops the W&B logger from reusing the persisted run id."""
+        """Configuration checks (sizes, class counts), then: ``--auto_resume false`` also stops the W&B
+        logger from reusing the persisted run id."""
+        self.check_arguments()
         config = self.config.get(self.subcommand) if self.subcommand else None
         if self.subcommand != "fit" or config is None or config.get("auto_resume", True):
             return
@@ -153,6 +156,13 @@ class MIMCLI(LightningCLI):
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if hasattr(logger, "get") and str(logger.get("class_path", "")).endswith("MIMWandbLogger"):
                 logger["init_args.resume"] = False
+
+    def check_arguments(self) -> None:
+        """Raise :class:`~lightning_mim.config_checks.ConfigError` for sizes or counts that cannot work,
+        before anything is built (:mod:`lightning_mim.config_checks`)."""
+        config = self.config.get(self.subcommand) if self.subcommand else None
+        if config is not None:
+            check_config(config.as_dict())
 
     def before_fit(self) -> None:
         """Auto-resume: without ``--ckpt_path``, continue the persisted run from its newest checkpoint."""
@@ -237,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_extra_command(words[0], words[1:])
     try:
         MIMCLI(args=words)
+    except ConfigError as error:  # one line per problem, no traceback: nothing was built yet
+        for line in str(error).splitlines():
+            print(f"lightning_mim: error: {line}", file=sys.stderr)
+        return 2
     except TrainingPreempted as preempted:  # a checkpoint was saved: a clean stop, resumable
         print(f"lightning_mim: {preempted}", file=sys.stderr)
         return 0

@@ -83,6 +83,7 @@ def test_bad_override_fails_before_training(tmp_path):
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-def test_model_and_data_sizes_must_agree(tmp_path):
-    with pytest.raises(ValueError, match=r"built for inputs of \(48, 48, 48\).*delivers \(32, 32, 32\)"):
-        main(["fit", *configs(*MAE), *run_dir_args(tmp_path), "--model.img_size", "48", "--trainer.logger", "false"])
+def test_model_and_data_sizes_must_agree(tmp_path, capsys):
+    assert main(["fit", *configs(*MAE), *run_dir_args(tmp_path), "--model.img_size", "48", "--trainer.logger", "false"]) == 2
+    assert "lightning_mim: error: model.img_size 48 differs from data.patch_size 32" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))

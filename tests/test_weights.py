@@ -14,8 +14,8 @@ from lightning_mim.backbones.vit import ViT3D, unetr_encoder_export
 from lightning_mim.callbacks.export import EncoderExport as EncoderExportCallback
 from lightning_mim.methods.base import EncoderExport
 from lightning_mim.methods.mae import MAE3D
-from lightning_mim.segmentation.module import resolve_network
-from lightning_mim.segmentation.networks import build_network, layer_ids
+from lightning_mim.segmentation.module import SegmentationModule, resolve_network
+from lightning_mim.segmentation.networks import ViTUNETR, build_network, layer_ids, skip_blocks
 from lightning_mim.segmentation.weights import (
     FORMAT,
     EncoderFile,
@@ -96,11 +96,34 @@ def test_load_pretrained_copies_the_encoder_and_reports_the_decoder_as_new(mae_f
         assert torch.equal(net.state_dict()[key], value)
 
 
-def test_unetr_export_refuses_a_depth_unetr_cannot_build():
-    with pytest.raises(ValueError, match="depth 2 .*UNETR always builds 12"):
-        unetr_encoder_export(ViT3D(32, 16, 1, 48, 2, 4))
+def test_unetr_export_refuses_a_patch_size_unetr_cannot_take():
     with pytest.raises(ValueError, match="patch size 8"):
         unetr_encoder_export(ViT3D(32, 8, 1, 48, 12, 4))
+
+
+def test_vit_unetr_is_monai_unetr_at_depth_12():
+    torch.manual_seed(0)
+    kwargs = dict(hidden_size=48, mlp_dim=96, num_heads=4, feature_size=8)
+    monai_net = UNETR(in_channels=1, out_channels=3, img_size=(32, 32, 32), **kwargs).eval()
+    ours = ViTUNETR(in_channels=1, out_channels=3, img_size=(32, 32, 32), num_layers=12, **kwargs).eval()
+    ours.load_state_dict(monai_net.state_dict(), strict=True)  # same names and shapes, every key
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), monai_net(x))
+    assert skip_blocks(12) == (3, 6, 9) and skip_blocks(2) == (0, 1, 1) and skip_blocks(6) == (2, 3, 4)
+
+
+def test_a_shallow_vit_is_fine_tuned_with_the_any_depth_unetr_chosen_from_the_file(tmp_path, capsys):
+    mae = tiny_mae(depth=2)
+    path = save_encoder(export_module(mae), tmp_path / "shallow.pt")
+    module = SegmentationModule(num_classes=3, pretrained=str(path), roi_size=32, warmup_epochs=0)
+    assert isinstance(module.network, ViTUNETR) and len(module.network.vit.blocks) == 2
+    assert module.load_report.ok and not module.load_report.missing
+    for key, value in read_encoder_file(path).state_dict.items():
+        assert torch.equal(module.network.state_dict()[key], value), key
+    assert module(torch.randn(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
+    depth, top = layer_ids("unetr", module.network)
+    assert depth["vit.norm.weight"] == 3 and top == 4  # stem 0, blocks 1-2, final norm 3
 
 
 def test_swin_export_round_trips_into_monai_swinunetr(tmp_path):
@@ -267,10 +290,13 @@ def test_export_callback_writes_the_file_and_warns_when_the_method_cannot_export
     callback = EncoderExportCallback()
     _fit_one_step(tiny_mae(), tmp_path / "ok", [callback])
     assert read_encoder_file(callback.path).target == "unetr"
-    shallow = EncoderExportCallback()
-    with pytest.warns(UserWarning, match="encoder not exported: .*depth 2"):
-        _fit_one_step(tiny_mae(depth=2), tmp_path / "shallow", [shallow])
-    assert shallow.path is None
+    fine_patches = EncoderExportCallback()
+    torch.manual_seed(0)
+    model = MAE3D(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, decoder_dim=24, decoder_depth=1,
+                  decoder_heads=2)
+    with pytest.warns(UserWarning, match="encoder not exported: .*patch size 8"):
+        _fit_one_step(model, tmp_path / "fine", [fine_patches])
+    assert fine_patches.path is None
 
 
 def test_configured_network_only_fills_in_what_the_file_leaves_open(mae_file):
@@ -321,8 +347,8 @@ def test_every_method_export_loads_strictly_into_its_segmentation_network(recipe
     model_config = yaml.safe_load((root / "experiments" / f"{recipe}.yaml").read_text())["model"]
     overrides = (yaml.safe_load((root / "tests" / "configs" / f"{tiny}.yaml").read_text()).get("model") or {}).get("init_args", {})
     args = {**model_config["init_args"], **overrides}
-    if "depth" in args:  # ViT methods: UNETR always builds 12 blocks of 16³ patches
-        args.update(depth=12, patch_size=16)
+    if "depth" in args:  # ViT methods: UNETR-style networks take 16³ token patches
+        args.update(patch_size=16)
     module_name, _, class_name = model_config["class_path"].rpartition(".")
     torch.manual_seed(0)
     method = getattr(importlib.import_module(module_name), class_name)(**args)
@@ -335,3 +361,56 @@ def test_every_method_export_loads_strictly_into_its_segmentation_network(recipe
     assert report.ok and not notes and len(report.loaded) == len(file.state_dict)
     state = network.state_dict()  # AnatoMask writes bare encoder keys; the loader adds the "encoder." prefix
     assert all(torch.equal(state[k if k in state else f"encoder.{k}"], v) for k, v in file.state_dict.items())
+
+
+def test_export_encoder_command_ends_in_one_line_naming_the_checkpoint(tmp_path, capsys):
+    from lightning_mim.cli import main
+
+    torch.manual_seed(0)
+    model = MAE3D(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, decoder_dim=24, decoder_depth=1,
+                  decoder_heads=2)
+    checkpoint = tmp_path / "fine_patches.ckpt"
+    _fit_one_step(model, tmp_path).save_checkpoint(checkpoint)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    capsys.readouterr()  # what fitting printed
+    for path, reason in ((checkpoint, "this ViT cannot be exported for MONAI UNETR: patch size 8"),
+                         (garbage, "not a readable Lightning checkpoint")):
+        assert main(["export-encoder", "--checkpoint", str(path), "--model_class", "lightning_mim.methods.mae.MAE3D"]) == 1
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 1
+        assert captured.err.startswith(f"export-encoder: {path}: ") and reason in captured.err
+    assert not (tmp_path / "encoder.pt").exists()
+
+
+def test_fine_tuning_warns_for_each_preprocessing_difference_and_stops_on_a_channel_count(mae_file, tmp_path):
+    from data_modules.presets import preset
+    from data_modules.segmentation import SegmentationDataModule
+    from lightning_mim.segmentation.weights import preprocessing_differences
+
+    _, _, path = mae_file
+    pretraining = SegmentationDataModule(preprocessing="ct_abdomen_btcv", patch_size=32, augmentation=None).describe()
+    meta = {**read_encoder_file(path).meta, "preprocessing": pretraining["preprocessing"], "modality": "ct",
+            "roi_size": [32, 32, 32]}
+    same = SegmentationDataModule(preprocessing="ct_abdomen_btcv", patch_size=32, augmentation=None)
+    assert preprocessing_differences(meta, same.describe()) == []
+
+    lps = {**preset("mri_zscore").to_dict(), "orientation": "LPS"}
+    other = SegmentationDataModule(preprocessing=preset("mri_zscore").__class__(**lps), patch_size=64,
+                                   augmentation=None)
+    notes = preprocessing_differences(meta, other.describe())
+    fields = [note.split(":")[0] for note in notes]
+    assert fields == ["preprocessing orientation", "preprocessing spacing", "preprocessing intensity",
+                      "preprocessing modality", "patch size"]
+    assert "encoder pre-trained with 'RAS', fine-tuning data use 'LPS'" in notes[0]
+
+    file = read_encoder_file(path)
+    save_encoder(EncoderFile(file.state_dict, meta), tmp_path / "encoder.pt")
+    module = SegmentationModule(num_classes=3, pretrained=str(tmp_path / "encoder.pt"), roi_size=32, warmup_epochs=0)
+    with pytest.warns(UserWarning, match=r"encoder.pt: preprocessing orientation: encoder pre-trained with 'RAS'"):
+        module.check_data_matches(SegmentationDataModule(preprocessing=preset("mri_zscore").__class__(**lps),
+                                                         patch_size=32, augmentation=None))
+    two_channels = SegmentationDataModule(preprocessing="ct_abdomen_btcv", patch_size=32, augmentation=None,
+                                          in_channels=2)
+    with pytest.raises(ValueError, match=r"the data have 2 image channel\(s\) but the network takes 1; set model.in_channels: 2"):
+        module.check_data_matches(two_channels)

@@ -153,8 +153,7 @@ _MONAI_BLOCK_NAMES = {
     "mlp.fc1": "mlp.linear1",
     "mlp.fc2": "mlp.linear2",
 }
-#: MONAI's UNETR builds its ViT with these, whatever the caller asks for.
-UNETR_DEPTH = 12
+#: MONAI's UNETR (and the project's any-depth ViTUNETR) cut 16³ token patches.
 UNETR_PATCH_SIZE = 16
 
 
@@ -194,13 +193,12 @@ def monai_vit_state_dict(vit: ViT3D) -> dict[str, Tensor]:
 def unetr_encoder_export(vit: ViT3D) -> tuple[dict[str, Tensor], dict]:
     """(state dict keyed as MONAI ``UNETR`` — ``vit.*`` —, UNETR constructor arguments) for ``vit``.
 
-    MONAI's UNETR hard-codes a 12-block ViT with 16³ patches (skips from blocks 3/6/9/12); any other
-    depth or patch size cannot be loaded into it, so this raises with the reason instead of exporting
-    weights nobody can use.
+    The arguments record ``num_layers``: 12 blocks build MONAI's UNETR, any other depth the
+    project's :class:`~lightning_mim.segmentation.networks.ViTUNETR` (same keys). Both cut 16³
+    token patches, so another patch size raises with the reason instead of exporting weights nobody
+    can use.
     """
     problems = []
-    if len(vit.blocks) != UNETR_DEPTH:
-        problems.append(f"depth {len(vit.blocks)} (UNETR always builds {UNETR_DEPTH} blocks)")
     if vit.patch_size != UNETR_PATCH_SIZE:
         problems.append(f"patch size {vit.patch_size} (UNETR always uses {UNETR_PATCH_SIZE}³ patches)")
     first = vit.blocks[0]
@@ -208,12 +206,13 @@ def unetr_encoder_export(vit: ViT3D) -> tuple[dict[str, Tensor], dict]:
     if problems:
         raise ValueError(
             "this ViT cannot be exported for MONAI UNETR: " + "; ".join(problems)
-            + f". Pre-train with depth={UNETR_DEPTH} and patch_size={UNETR_PATCH_SIZE} to fine-tune with UNETR."
+            + f". Pre-train with patch_size={UNETR_PATCH_SIZE} to fine-tune with UNETR."
         )
     kwargs = {
         "in_channels": vit.in_channels,
         "img_size": list(vit.img_size),
         "hidden_size": vit.embed_dim,
+        "num_layers": len(vit.blocks),  # 12: MONAI's UNETR; any other depth: the project's ViTUNETR
         "mlp_dim": int(mlp_dim),
         "num_heads": int(first.attn.num_heads),
         "qkv_bias": first.attn.qkv.bias is not None,

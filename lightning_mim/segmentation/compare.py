@@ -5,13 +5,16 @@ folders holding one (searched recursively), or W&B run folders: the module saves
 W&B run (``files/test_metrics.csv``, offline runs included), and an online run's
 ``files/wandb-summary.json`` (``test/dice/<organ>``, ``test/method``, ``test/label_fraction``) is
 used when a folder has no CSV. (Offline runs keep their summary only inside the binary
-``run-*.wandb`` log, which is not read.) Every source becomes per-run organ means; runs with the same method and
-label fraction (e.g. several seeds) are averaged, their spread reported across runs (or across
-cases for a single run).
+``run-*.wandb`` log, which is not read.) Every source becomes per-run organ means; runs with the
+same data set, method and label fraction (e.g. several seeds) are averaged, their spread reported
+across runs (or across cases for a single run). Runs of different data sets are never merged: the
+data set comes from the CSV's ``dataset`` column, else from the data section of the run's
+``lightning_config.yaml`` beside it. Runs to be averaged must evaluate the same organs, else the
+comparison stops and names them.
 
-Writes ``comparison.csv`` (method × label fraction × organ), ``comparison.md`` (per label
-fraction, organs × methods side by side) and ``dice_vs_label_fraction.png``; ``--wandb true``
-also logs them to a W&B run (offline unless ``--wandb_offline false``).
+Writes ``comparison.csv`` (data set × method × label fraction × organ), ``comparison.md`` (per
+data set and label fraction, organs × methods side by side) and ``dice_vs_label_fraction.png``;
+``--wandb true`` also logs them to a W&B run (offline unless ``--wandb_offline false``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import csv
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +35,21 @@ from lightning_mim.segmentation.evaluation import METRIC_NOTE, read_metrics_csv
 from lightning_mim.segmentation.module import TEST_CSV
 
 MEAN_ROW = "mean"
+UNKNOWN_DATASET = "unknown data set"
+
+
+def dataset_from_run_config(csv_path: Path) -> str | None:
+    """The data set of the run that wrote ``csv_path``, from ``lightning_config.yaml`` beside it."""
+    import yaml
+
+    from data_modules.segmentation import dataset_name
+
+    config_path = csv_path.parent / "lightning_config.yaml"
+    if not config_path.is_file():
+        return None
+    data = (yaml.safe_load(config_path.read_text()) or {}).get("data") or {}
+    arguments = data.get("init_args") if isinstance(data, dict) else None
+    return dataset_name(**arguments) if isinstance(arguments, dict) else None
 
 
 @dataclass
@@ -44,6 +63,7 @@ class RunResult:
     organ_dice: dict[str, float]
     case_dice: dict[str, list[float]] = field(default_factory=dict)
     organ_order: list[str] = field(default_factory=list)
+    dataset: str = UNKNOWN_DATASET
 
 
 def _finite(values: Iterable[float | None]) -> list[float]:
@@ -53,16 +73,19 @@ def _finite(values: Iterable[float | None]) -> list[float]:
 def run_from_csv(path: Path) -> list[RunResult]:
     """Per (method, label fraction) group of one metrics CSV (normally exactly one)."""
     rows = read_metrics_csv(path)
-    groups: dict[tuple[str, float | None], list[dict[str, Any]]] = {}
+    from_config = None if all(row["dataset"] for row in rows) else dataset_from_run_config(path)
+    groups: dict[tuple[str, str, float | None], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["method"], row["label_fraction"]), []).append(row)
+        groups.setdefault((row["dataset"] or from_config or UNKNOWN_DATASET, row["method"], row["label_fraction"]),
+                          []).append(row)
     runs = []
-    for (method, fraction), items in groups.items():
+    for (dataset, method, fraction), items in groups.items():
         order = [r["organ"] for r in sorted({(r["class_index"], r["organ"]): r for r in items}.values(),
                                             key=lambda r: r["class_index"])]
         cases = {organ: _finite(r["dice"] for r in items if r["organ"] == organ) for organ in order}
         runs.append(RunResult(str(path), method, fraction, items[0]["num_labelled"],
-                              {o: float(np.mean(v)) if v else math.nan for o, v in cases.items()}, cases, order))
+                              {o: float(np.mean(v)) if v else math.nan for o, v in cases.items()}, cases, order,
+                              dataset))
     return runs
 
 
@@ -76,7 +99,8 @@ def run_from_wandb_summary(path: Path) -> RunResult | None:
     fraction = summary.get("test/label_fraction")
     labelled = summary.get("test/num_labelled")
     return RunResult(str(path), str(summary.get("test/method", "unknown")), None if fraction is None else float(fraction),
-                     None if labelled is None else int(labelled), organs, {}, list(organs))
+                     None if labelled is None else int(labelled), organs, {}, list(organs),
+                     str(summary.get("test/dataset") or UNKNOWN_DATASET))
 
 
 def collect_runs(sources: Sequence[str | os.PathLike]) -> list[RunResult]:
@@ -103,26 +127,38 @@ def collect_runs(sources: Sequence[str | os.PathLike]) -> list[RunResult]:
     return runs
 
 
+def _same_organs(group: Sequence[RunResult]) -> list[str]:
+    """The organs every run of ``group`` evaluates; runs of different label sets are never averaged."""
+    organ_sets = {run.source: list(run.organ_order or run.organ_dice) for run in group}
+    if len({tuple(sorted(organs)) for organs in organ_sets.values()}) > 1:
+        first = group[0]
+        raise ValueError(
+            f"refusing to average runs of {first.dataset!r}, method {first.method!r}, label fraction "
+            f"{first.label_fraction} whose organs differ: "
+            + "; ".join(f"{source}: {', '.join(organs)}" for source, organs in organ_sets.items())
+            + ". Compare runs of one label set at a time."
+        )
+    return next(iter(organ_sets.values()))
+
+
 def comparison_table(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
-    """Long table: one row per method × label fraction × organ, plus the organ-mean row (``organ = mean``)."""
-    groups: dict[tuple[str, float | None], list[RunResult]] = {}
+    """Long table: one row per data set × method × label fraction × organ, plus the organ-mean row (``organ = mean``)."""
+    groups: dict[tuple[str, str, float | None], list[RunResult]] = {}
     for run in runs:
-        groups.setdefault((run.method, run.label_fraction), []).append(run)
+        groups.setdefault((run.dataset, run.method, run.label_fraction), []).append(run)
     rows = []
-    for (method, fraction), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0.0)):
-        organs: list[str] = []
-        for run in group:
-            organs += [o for o in (run.organ_order or run.organ_dice) if o not in organs]
+    for (dataset, method, fraction), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0.0)):
+        organs = _same_organs(group)
         labelled = sorted({r.num_labelled for r in group if r.num_labelled is not None})
         for organ in organs:
             run_means = _finite(r.organ_dice.get(organ) for r in group)
             cases = [v for r in group for v in r.case_dice.get(organ, [])]
             spread = float(np.std(run_means)) if len(run_means) > 1 else (float(np.std(cases)) if cases else math.nan)
-            rows.append({"method": method, "label_fraction": fraction, "num_labelled": labelled[0] if len(labelled) == 1 else None,
+            rows.append({"dataset": dataset, "method": method, "label_fraction": fraction, "num_labelled": labelled[0] if len(labelled) == 1 else None,
                          "organ": organ, "dice_mean": float(np.mean(run_means)) if run_means else math.nan,
                          "dice_std": spread, "runs": len(group), "cases": len(cases) or None})
         per_run = [np.mean(_finite(r.organ_dice.values())) for r in group if _finite(r.organ_dice.values())]
-        rows.append({"method": method, "label_fraction": fraction, "num_labelled": labelled[0] if len(labelled) == 1 else None,
+        rows.append({"dataset": dataset, "method": method, "label_fraction": fraction, "num_labelled": labelled[0] if len(labelled) == 1 else None,
                      "organ": MEAN_ROW, "dice_mean": float(np.mean(per_run)) if per_run else math.nan,
                      "dice_std": float(np.std(per_run)) if len(per_run) > 1 else math.nan, "runs": len(group), "cases": None})
     return rows
@@ -133,16 +169,16 @@ def _fmt(value: float) -> str:
 
 
 def comparison_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """Per label fraction: organs down, methods across (mean Dice, ± spread)."""
+    """Per data set and label fraction: organs down, methods across (mean Dice, ± spread)."""
     lines = ["# Method comparison", "", METRIC_NOTE, "± = std across runs (several runs) or across test cases (one run).", ""]
-    fractions = sorted({r["label_fraction"] for r in rows}, key=lambda f: (f is None, f or 0.0))
-    for fraction in fractions:
-        part = [r for r in rows if r["label_fraction"] == fraction]
+    sections = sorted({(r["dataset"], r["label_fraction"]) for r in rows}, key=lambda s: (s[0], s[1] is None, s[1] or 0.0))
+    for dataset, fraction in sections:
+        part = [r for r in rows if (r["dataset"], r["label_fraction"]) == (dataset, fraction)]
         methods = list(dict.fromkeys(r["method"] for r in part))
         organs = list(dict.fromkeys(r["organ"] for r in part if r["organ"] != MEAN_ROW)) + [MEAN_ROW]
         labelled = sorted({r["num_labelled"] for r in part if r["num_labelled"] is not None})
         note = f" ({', '.join(map(str, labelled))} labelled case(s))" if labelled else ""
-        lines += [f"## Label fraction {fraction}{note}", "", "| organ | " + " | ".join(methods) + " |",
+        lines += [f"## {dataset}: label fraction {fraction}{note}", "", "| organ | " + " | ".join(methods) + " |",
                   "|---|" + "---|" * len(methods)]
         cell = {(r["method"], r["organ"]): r for r in part}
         for organ in organs:
@@ -169,10 +205,13 @@ def plot_dice_vs_fraction(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
     figure, axis = plt.subplots(figsize=(6, 4), dpi=120)
     means = [r for r in rows if r["organ"] == MEAN_ROW and r["label_fraction"] is not None]
-    for method in dict.fromkeys(r["method"] for r in means):
-        points = sorted((r["label_fraction"], r["dice_mean"], r["dice_std"]) for r in means if r["method"] == method)
+    several = len({r["dataset"] for r in means}) > 1
+    for dataset, method in dict.fromkeys((r["dataset"], r["method"]) for r in means):
+        points = sorted((r["label_fraction"], r["dice_mean"], r["dice_std"]) for r in means
+                        if (r["dataset"], r["method"]) == (dataset, method))
         x, y, e = (np.array(v, dtype=float) for v in zip(*points))
-        axis.errorbar(x, y, yerr=np.nan_to_num(e), marker="o", capsize=3, label=method)
+        axis.errorbar(x, y, yerr=np.nan_to_num(e), marker="o", capsize=3,
+                      label=f"{method} ({dataset})" if several else method)
     axis.set_xlabel("label fraction (share of labelled training cases)")
     axis.set_ylabel("mean Dice (foreground organs)")
     axis.set_ylim(0, 1)
@@ -186,7 +225,7 @@ def plot_dice_vs_fraction(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
 
 def write_table_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    columns = ["method", "label_fraction", "num_labelled", "organ", "dice_mean", "dice_std", "runs", "cases"]
+    columns = ["dataset", "method", "label_fraction", "num_labelled", "organ", "dice_mean", "dice_std", "runs", "cases"]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -200,7 +239,7 @@ def log_to_wandb(rows: Sequence[dict[str, Any]], plot: Path, output: Path, proje
     import wandb
 
     run = wandb.init(project=project, job_type="compare", dir=str(output), mode="offline" if offline else "online")
-    columns = ["method", "label_fraction", "num_labelled", "organ", "dice_mean", "dice_std", "runs"]
+    columns = ["dataset", "method", "label_fraction", "num_labelled", "organ", "dice_mean", "dice_std", "runs"]
     run.log({"comparison/table": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows]),
              "comparison/dice_vs_label_fraction": wandb.Image(str(plot))})
     run.finish()
@@ -247,7 +286,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--wandb_project", type=str, default="lightning-mim", help="W&B project of that run")
     parser.add_argument("--wandb_offline", type=bool, default=True, help="keep the W&B run offline")
     args = parser.parse_args(argv)
-    result = compare(args.sources, args.output, args.wandb, args.wandb_project, args.wandb_offline)
+    try:
+        result = compare(args.sources, args.output, args.wandb, args.wandb_project, args.wandb_offline)
+    except (ValueError, FileNotFoundError) as error:  # sources without results, runs that cannot be averaged
+        print(f"compare: {error}", file=sys.stderr)
+        return 1
     print(result.markdown)
     print(f"written: {result.csv}, {result.markdown_path}, {result.plot}")
     return 0

@@ -33,7 +33,11 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
 from torch import Tensor
 
-CSV_COLUMNS = ("method", "label_fraction", "num_labelled", "seed", "case_id", "class_index", "organ", "dice", "hd95")
+#: Columns that describe the run, repeated on every row (``dataset``: see ``SegmentationDataModule.dataset_name``).
+RUN_COLUMNS = ("dataset", "method", "label_fraction", "num_labelled", "seed")
+CSV_COLUMNS = (*RUN_COLUMNS, "case_id", "class_index", "organ", "dice", "hd95")
+#: Columns a metrics CSV written before they existed may lack.
+OPTIONAL_COLUMNS = ("dataset",)
 METRIC_NOTE = ("Dice / HD95 (mm) per organ, background excluded, on the preprocessed (resampled) grid; "
                "NaN = organ absent from the ground truth (or, for HD95, from the prediction).")
 
@@ -99,7 +103,7 @@ def metric_rows(results: Iterable[Mapping[str, Any]], class_names: Sequence[str]
     for result in results:
         for index, dice in enumerate(result["dice"], start=1):
             hd = result.get("hd95")
-            rows.append({**{c: columns.get(c) for c in CSV_COLUMNS[:4]}, "case_id": result["case_id"], "class_index": index,
+            rows.append({**{c: columns.get(c) for c in RUN_COLUMNS}, "case_id": result["case_id"], "class_index": index,
                          "organ": class_names[index] if index < len(class_names) else f"class_{index}",
                          "dice": dice, "hd95": None if hd is None else hd[index - 1]})
     return rows
@@ -141,12 +145,12 @@ def read_metrics_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
 
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
-        missing = set(CSV_COLUMNS) - set(reader.fieldnames or [])
+        missing = set(CSV_COLUMNS) - set(OPTIONAL_COLUMNS) - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"{path}: not a metrics CSV (missing columns {sorted(missing)})")
         rows = []
         for row in reader:
-            rows.append({**row, "label_fraction": number(row["label_fraction"]),
+            rows.append({**row, "dataset": row.get("dataset") or None, "label_fraction": number(row["label_fraction"]),
                          "num_labelled": None if row["num_labelled"] == "" else int(float(row["num_labelled"])),
                          "class_index": int(row["class_index"]), "dice": number(row["dice"]), "hd95": number(row["hd95"])})
     return rows

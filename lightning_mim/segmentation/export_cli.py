@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from jsonargparse import ArgumentParser
@@ -31,6 +32,14 @@ def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="python -m lightning_mim export-encoder", description=export_encoder.__doc__.splitlines()[0])
     parser.add_function_arguments(export_encoder, as_group=False)
     args = parser.parse_args(argv)
-    path = export_encoder(**args.as_dict())
+    from lightning_mim.segmentation.weights import EncoderFileError
+
+    try:
+        path = export_encoder(**args.as_dict())
+    except (EncoderFileError, ValueError, NotImplementedError) as error:  # the file or the method cannot export
+        message = " ".join(str(error).split())  # loaders' messages span lines; the error is one
+        where = "" if message.startswith(str(args.checkpoint)) else f"{args.checkpoint}: "
+        print(f"export-encoder: {where}{message}", file=sys.stderr)
+        return 1
     print(f"encoder written to {path}")
     return 0

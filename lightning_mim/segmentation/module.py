@@ -26,7 +26,13 @@ from lightning_mim.segmentation.evaluation import (
     write_summary_markdown,
 )
 from lightning_mim.segmentation.networks import build_network, layer_ids, network_spec
-from lightning_mim.segmentation.weights import EncoderFile, LoadReport, load_pretrained, read_pretrained
+from lightning_mim.segmentation.weights import (
+    EncoderFile,
+    LoadReport,
+    load_pretrained,
+    preprocessing_differences,
+    read_pretrained,
+)
 
 TEST_CSV = "test_metrics.csv"
 TEST_SUMMARY = "test_summary.md"
@@ -152,6 +158,7 @@ class SegmentationModule(L.LightningModule):
         self.roi_size = tuple(int(s) for s in (roi_size if isinstance(roi_size, (list, tuple)) else (roi_size,) * 3))
         self.network = build_network(self.network_name, self.in_channels, num_classes, self.roi_size, **kwargs)
         self.load_report: LoadReport | None = None
+        self.pretrained_meta: dict[str, Any] | None = dict(file.meta) if file is not None else None
         if file is not None:
             self.load_report = load_pretrained(self.network, file, log=rank_zero_info)
         self.method_name = method_name or (file.method if file is not None else "scratch")
@@ -178,6 +185,20 @@ class SegmentationModule(L.LightningModule):
         patch = getattr(datamodule, "patch_size", None)
         if patch is not None and tuple(patch) != self.roi_size:
             raise ValueError(f"the model's roi_size {self.roi_size} differs from the data's patch_size {tuple(patch)}")
+        self.check_data_matches(datamodule)
+
+    def check_data_matches(self, datamodule: Any) -> None:
+        """Error on an input channel count the network cannot take; warn for each preprocessing setting
+        of the data that differs from the encoder's pre-training (see :func:`~.weights.preprocessing_differences`)."""
+        channels = getattr(datamodule, "in_channels", None)
+        if channels is not None and int(channels) != self.in_channels:
+            raise ValueError(f"the data have {channels} image channel(s) but the network takes {self.in_channels}; "
+                             f"set model.in_channels: {channels} (a pre-trained stem is adapted to it)")
+        describe = getattr(datamodule, "describe", None)
+        if self.pretrained_meta is None or not callable(describe):
+            return
+        for note in preprocessing_differences(self.pretrained_meta, describe()):
+            rank_zero_warn(f"{self.hparams.pretrained}: {note}")
 
     def on_train_epoch_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -205,7 +226,7 @@ class SegmentationModule(L.LightningModule):
     def _result_columns(self) -> dict[str, Any]:
         describe = getattr(getattr(self.trainer, "datamodule", None), "describe", None)
         data = describe() if callable(describe) else {}
-        return {"method": self.method_name, "label_fraction": data.get("label_fraction"),
+        return {"dataset": data.get("dataset"), "method": self.method_name, "label_fraction": data.get("label_fraction"),
                 "num_labelled": data.get("num_labelled"), "seed": data.get("seed")}
 
     def _log_summary(self, stage: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -250,7 +271,8 @@ class SegmentationModule(L.LightningModule):
         for logger in self.trainer.loggers:  # W&B: the files travel with the run (offline folders, sync, download)
             experiment = getattr(logger, "experiment", None)
             if experiment is not None and hasattr(experiment, "summary") and hasattr(experiment, "save"):
-                experiment.summary.update({"test/method": self.method_name, "test/label_fraction": columns["label_fraction"],
+                experiment.summary.update({"test/dataset": columns["dataset"], "test/method": self.method_name,
+                                           "test/label_fraction": columns["label_fraction"],
                                            "test/num_labelled": columns["num_labelled"]})
                 for path in (csv_path, folder / TEST_SUMMARY):
                     experiment.save(str(path), base_path=str(folder), policy="now")
@@ -265,7 +287,9 @@ class SegmentationModule(L.LightningModule):
         prediction = self.predict_volume(batch["image"])
         written = []
         for i, case_id in enumerate(batch["case_id"]):
-            path = write_prediction(prediction[i], datamodule.original_geometry(case_id), folder / f"{case_id}.nii.gz")
+            geometry = datamodule.original_geometry(case_id)
+            path = write_prediction(prediction[i], geometry, folder / f"{case_id}.nii.gz")
+            print(f"predict: {geometry['source']} -> {path}", flush=True)  # every rank writes its own cases
             written.append({"case_id": case_id, "path": str(path)})
         return written
 

@@ -6,7 +6,8 @@ alone says which network it belongs to:
 ============== ======================================================= ===================== =====
 target         network                                                 encoder sub-module    ROI ÷
 ============== ======================================================= ===================== =====
-unetr          ``monai.networks.nets.UNETR`` (ViT encoders)            ``vit``               16
+unetr          ``monai.networks.nets.UNETR`` (ViT encoders of 12 blocks;  ``vit``               16
+               :class:`ViTUNETR` for any other ``num_layers``)
 swin_unetr     ``monai.networks.nets.SwinUNETR`` (Swin encoders; SMIT's ``swinViT``          32
                ``swin_smit`` is the same class with its depths/heads/
                window/qkv_bias)
@@ -59,10 +60,76 @@ class STUNetUNet(nn.Module):
         return self.decoder(self.encoder(x))
 
 
+#: The depth MONAI's UNETR always builds; other ViT depths get :class:`ViTUNETR`.
+UNETR_DEPTH = 12
+
+
+def skip_blocks(depth: int) -> tuple[int, int, int]:
+    """Indices of the blocks whose outputs feed UNETR's three skip paths: a quarter, half and three
+    quarters of the way up (MONAI's 3, 6, 9 for 12 blocks), clamped to the blocks there are."""
+    return tuple(min(depth - 1, round(depth * quarter / 4)) for quarter in (1, 2, 3))
+
+
+class ViTUNETR(nn.Module):
+    """UNETR for a ViT of any depth: MONAI's ViT and UNETR blocks, skips from :func:`skip_blocks`.
+
+    MONAI's ``UNETR`` builds 12 blocks and reads blocks 3, 6 and 9; this network has the same
+    sub-modules and parameter names (``vit.*``, ``encoder1..4``, ``decoder2..5``, ``out``), so an
+    exported ``unetr`` encoder loads into it exactly as into UNETR, but ``num_layers`` is free.
+    The token patch is 16³ as in UNETR (the decoder upsamples four times by 2).
+
+    Args:
+        in_channels, out_channels, img_size: input channels, classes, ROI (divisible by 16).
+        num_layers, hidden_size, mlp_dim, num_heads, qkv_bias, proj_type, dropout_rate: the ViT.
+        feature_size, norm_name, conv_block, res_block: the convolutional decoder (UNETR's defaults).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, img_size: Sequence[int], num_layers: int,
+                 hidden_size: int = 768, mlp_dim: int = 3072, num_heads: int = 12, qkv_bias: bool = False,
+                 proj_type: str = "conv", dropout_rate: float = 0.0, feature_size: int = 16,
+                 norm_name: str | tuple = "instance", conv_block: bool = True, res_block: bool = True) -> None:
+        super().__init__()
+        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+        from monai.networks.nets import ViT
+
+        self.feat_size = tuple(int(s) // 16 for s in img_size)
+        self.skips = skip_blocks(num_layers)
+        self.vit = ViT(in_channels=in_channels, img_size=tuple(img_size), patch_size=16, hidden_size=hidden_size,
+                       mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, proj_type=proj_type,
+                       classification=False, dropout_rate=dropout_rate, spatial_dims=3, qkv_bias=qkv_bias)
+        common = dict(spatial_dims=3, kernel_size=3, norm_name=norm_name, res_block=res_block)
+        self.encoder1 = UnetrBasicBlock(in_channels=in_channels, out_channels=feature_size, stride=1, **common)
+        for index, (level, width) in enumerate(((2, 2), (1, 4), (0, 8)), start=2):
+            setattr(self, f"encoder{index}", UnetrPrUpBlock(in_channels=hidden_size, out_channels=feature_size * width,
+                                                           num_layer=level, stride=1, upsample_kernel_size=2,
+                                                           conv_block=conv_block, **common))
+        widths = (hidden_size, feature_size * 8, feature_size * 4, feature_size * 2, feature_size)
+        for index, (wide, narrow) in zip((5, 4, 3, 2), zip(widths, widths[1:])):
+            setattr(self, f"decoder{index}", UnetrUpBlock(in_channels=wide, out_channels=narrow, upsample_kernel_size=2,
+                                                          **common))
+        self.out = UnetOutBlock(spatial_dims=3, in_channels=feature_size, out_channels=out_channels)
+
+    def _volume(self, tokens: Tensor) -> Tensor:
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *self.feat_size).contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        last, hidden = self.vit(x)
+        enc2, enc3, enc4 = (getattr(self, f"encoder{i}")(self._volume(hidden[block]))
+                            for i, block in zip((2, 3, 4), self.skips))
+        up = self.decoder5(self._volume(last), enc4)
+        up = self.decoder4(up, enc3)
+        up = self.decoder3(up, enc2)
+        return self.out(self.decoder2(up, self.encoder1(x)))
+
+
 def _build_unetr(in_channels: int, out_channels: int, roi_size: tuple[int, int, int], **kwargs: Any) -> nn.Module:
+    """MONAI's UNETR for 12 ViT blocks (``num_layers``, default 12), :class:`ViTUNETR` for any other depth."""
     from monai.networks.nets import UNETR
 
     kwargs.pop("img_size", None)  # the pre-training ROI; the network is built for the fine-tuning ROI
+    depth = int(kwargs.pop("num_layers", UNETR_DEPTH))
+    if depth != UNETR_DEPTH:
+        return ViTUNETR(in_channels=in_channels, out_channels=out_channels, img_size=roi_size, num_layers=depth, **kwargs)
     return UNETR(in_channels=in_channels, out_channels=out_channels, img_size=roi_size, **kwargs)
 
 
@@ -79,6 +146,10 @@ def _build_stunet(in_channels: int, out_channels: int, roi_size: tuple[int, int,
 
 def _build_unet(in_channels: int, out_channels: int, roi_size: tuple[int, int, int], **kwargs: Any) -> nn.Module:
     return UNet3D(in_channels=in_channels, out_channels=out_channels, **kwargs)
+
+
+#: Layer index of a final norm: one above the deepest numbered layer, whatever the depth.
+AFTER_LAST = 1 << 30
 
 
 def _numbered_layer(patterns: Sequence[tuple[str, Callable[[re.Match], int]]]) -> Callable[[str], int | None]:
@@ -117,7 +188,7 @@ NETWORKS: dict[str, NetworkSpec] = {
     "unetr": NetworkSpec(
         "unetr", _build_unetr, "vit.", 16,
         _numbered_layer([(r"vit\.patch_embedding\.", lambda m: 0), (r"vit\.blocks\.(\d+)\.", lambda m: int(m[1]) + 1),
-                         (r"vit\.norm\.", lambda m: 13)]),
+                         (r"vit\.norm\.", lambda m: AFTER_LAST)]),
     ),
     "swin_unetr": NetworkSpec(
         "swin_unetr", _build_swin_unetr, "swinViT.", 32,
@@ -173,5 +244,7 @@ def layer_ids(name: str, network: nn.Module) -> tuple[dict[str, int], int]:
     """
     spec = network_spec(name)
     found = {n: spec.layer_index(n) for n, _ in network.named_parameters()}
+    deepest = max((i for i in found.values() if i is not None and i != AFTER_LAST), default=-1)
+    found = {n: deepest + 1 if i == AFTER_LAST else i for n, i in found.items()}
     top = max((i for i in found.values() if i is not None), default=-1) + 1
     return {n: top if i is None else i for n, i in found.items()}, top

@@ -298,6 +298,47 @@ def read_pretrained(source: str | os.PathLike | EncoderFile) -> EncoderFile:
     return read_encoder_file(path)
 
 
+# --------------------------------------------------------------------------- preprocessing check
+#: Preprocessing settings an encoder learned under, with what a difference means at fine-tuning.
+_PREPROCESSING_FIELDS = {
+    "orientation": "the encoder saw the axes in another order/direction",
+    "spacing": "anatomy appears at another scale",
+    "intensity": "voxel values mean something else",
+    "window": "voxel values mean something else",
+    "output_range": "voxel values mean something else",
+    "suv_clip": "voxel values mean something else",
+    "modality": "the encoder was pre-trained on another imaging modality",
+}
+
+
+def preprocessing_differences(meta: Mapping[str, Any], data: Mapping[str, Any]) -> list[str]:
+    """One sentence per preprocessing setting where the fine-tuning data differ from the encoder's pre-training.
+
+    ``meta`` is an encoder file's metadata, ``data`` the fine-tuning data module's ``describe()``.
+    Settings the file does not record are not compared (older exports, hand-made files).
+    """
+    trained = dict(meta.get("preprocessing") or {})
+    if meta.get("modality") is not None:
+        trained.setdefault("modality", meta["modality"])
+    now = dict(data.get("preprocessing") or {})
+    if data.get("modality") is not None:
+        now.setdefault("modality", data["modality"])
+    uses_window = "window" in (trained.get("intensity"), now.get("intensity"))
+    uses_suv = "suv_zscore" in (trained.get("intensity"), now.get("intensity"))
+    notes = []
+    for field, meaning in _PREPROCESSING_FIELDS.items():
+        if (field in ("window", "output_range") and not uses_window) or (field == "suv_clip" and not uses_suv):
+            continue
+        if field in trained and field in now and plain(trained[field]) != plain(now[field]):
+            notes.append(f"preprocessing {field}: encoder pre-trained with {trained[field]!r}, fine-tuning data use "
+                         f"{now[field]!r} ({meaning}); use the pre-training preset for fine-tuning if this is unintended")
+    roi, patch = meta.get("roi_size"), data.get("patch_size")
+    if roi is not None and patch is not None and list(roi) != list(patch):
+        notes.append(f"patch size: encoder pre-trained on {list(roi)} patches, fine-tuning uses {list(patch)} "
+                     "(ViT position embeddings are interpolated)")
+    return notes
+
+
 # --------------------------------------------------------------------------- adaptation
 def interpolate_position_embedding(table: Tensor, old_grid: Sequence[int], new_grid: Sequence[int]) -> Tensor:
     """``1 × L × D`` position table on ``old_grid`` (row-major) resampled trilinearly to ``new_grid``."""

@@ -28,7 +28,7 @@ def test_named_presets_follow_the_methods_table():
         True,
     )
     assert (smit.orientation, smit.spacing, smit.window, smit.pad_to) == (
-        None,
+        "RAS",
         (2.0, 2.0, 2.0),
         (-175.0, 250.0),
         (128, 128, 128),
@@ -44,6 +44,50 @@ def test_named_presets_follow_the_methods_table():
     assert {p.modality for p in PRESETS.values()} == {"ct", "mri", "pet"}
     with pytest.raises(ValueError, match=r"unknown preprocessing preset 'ct'; choose one of \['ct_abdomen_btcv'"):
         preset("ct")
+
+
+def _readme_cells(preprocessing: Preprocessing) -> tuple[str, str, str]:
+    """The README table's orientation, spacing and intensity cells for a preset."""
+    spacing = preprocessing.spacing
+    if spacing is None:
+        spacing_cell = "native"
+    elif len(set(spacing)) == 1:
+        spacing_cell = f"{spacing[0]:.1f} iso"
+    else:
+        spacing_cell = " × ".join(f"{s:.1f}" for s in spacing)
+    number = lambda v: f"{v:g}"  # noqa: E731
+    intensity = {
+        "window": "HU [{}, {}] → [{}, {}]".format(*map(number, (*preprocessing.window, *preprocessing.output_range))),
+        "zscore_nonzero": "per-volume z-score over non-zero voxels",
+        "suv_zscore": "SUV clip [{}, {}] + z-score".format(*map(number, preprocessing.suv_clip)),
+        "none": "unchanged",
+    }[preprocessing.intensity]
+    return preprocessing.orientation or "file's own", spacing_cell, intensity
+
+
+def test_every_preset_states_an_orientation_and_the_readme_table_matches_the_code():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 4 and cells[0].strip("`") in PRESETS:
+            rows[cells[0].strip("`")] = tuple(cells[1:])
+    assert set(rows) == set(PRESETS), "the README preset table must list every preset exactly"
+    for name, settings in PRESETS.items():
+        assert settings.orientation is not None, f"{name} must state its orientation"
+        assert rows[name] == _readme_cells(settings), name
+
+
+def test_the_smit_preset_reorients_lps_files_like_the_fine_tuning_preset(tmp_path):
+    volume = np.full((12, 10, 8), -1000, np.int16)
+    volume[2:5, 3:9, 2:6] = 100  # an asymmetric block: any flip moves it
+    subject = _subject(tmp_path, volume, spacing=(2.0, 2.0, 2.0))  # stored LPS
+    smit = preset("ct_smit_pretrain").apply(subject)["image"]
+    btcv = Preprocessing(**{**preset("ct_abdomen_btcv").to_dict(), "spacing": (2.0, 2.0, 2.0),
+                            "crop_foreground": False}).apply(subject)["image"]
+    assert smit.orientation_str == btcv.orientation_str == "RAS"
 
 
 def test_settings_dict_and_fingerprint_are_stable_and_sensitive():
