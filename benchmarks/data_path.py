@@ -73,6 +73,8 @@ class DataBenchConfig:
     min_seconds: float = 4.0
     max_seconds: float = 90.0
     small_corpora: tuple[int, int] = (3, 30)  # phantom volumes per epoch: few vs many
+    scale_counts: tuple[int, ...] = (10, 100, 1000)  # corpus sizes of the scaling table (small volumes)
+    scale_shape: tuple[int, int, int] = (96, 96, 48)
 
     @staticmethod
     def full() -> DataBenchConfig:
@@ -81,7 +83,7 @@ class DataBenchConfig:
     @staticmethod
     def quick() -> DataBenchConfig:
         return DataBenchConfig(volumes=2, shape=(192, 192, 64), spacing=(1.0, 1.0, 3.0), patch=64, phantom_cases=4,
-                               min_patches=24, min_seconds=1.0, max_seconds=30.0)
+                               min_patches=24, min_seconds=1.0, max_seconds=30.0, scale_counts=(10, 100))
 
 
 def bench_root() -> Path:
@@ -284,6 +286,32 @@ def measure_epoch_costs(datalists: dict[str, str], cache_dir: str, patch: int, m
             break
     return {name: {"patches": patches[name], "seconds": seconds[name], "patches_per_s": patches[name] / seconds[name],
                    "epochs": counts[datalists[name]]} for name in streams}
+
+
+def measure_corpus_scale(csv_path: str, cache_dir: str, patch: int) -> dict[str, Any]:
+    """Cold preparation, cache bytes, and the time a later run takes to its first batch (cache warm)."""
+    from data_modules import PretrainDataModule
+    from data_modules.presets import Preprocessing
+
+    def build():
+        return PretrainDataModule(csv=csv_path, preprocessing=Preprocessing(**PREPROCESSING), patch_size=patch,
+                                  samples_per_volume=SAMPLES_PER_VOLUME, queue_length=QUEUE_LENGTH,
+                                  batch_size=BATCH_SIZE, val_fraction=0.0, cache_dir=cache_dir,
+                                  preprocess_workers=LOADER_WORKERS)
+
+    start = time.perf_counter()
+    module = build()
+    module.setup("fit")
+    preparation_s = time.perf_counter() - start
+    del module
+    start = time.perf_counter()
+    module = build()
+    module.setup("fit")
+    _first(iter(module.train_dataloader()), lambda batch: batch["image"])
+    first_batch_s = time.perf_counter() - start
+    return {"volumes": len(module.train_volumes), "preparation_s": preparation_s,
+            "preparation_s_per_volume": preparation_s / len(module.train_volumes),
+            "first_batch_warm_s": first_batch_s, **cache_disk(module.train_volumes)}
 
 
 class PreprocessOnTheFly:
@@ -520,6 +548,13 @@ def run(config: DataBenchConfig, workdir: Path | None = None, log: Callable[[str
                                     for key, value in item.items()} for item in entries["training"][:count]]
             subset_list.write_text(json.dumps(entries))
             small_lists[f"epochs_{count}"] = str(subset_list)
+        scale_paths = ensure_synthetic_cts(max(config.scale_counts), config.scale_shape, config.spacing, root=root,
+                                           seed=1)
+        for count in config.scale_counts:
+            log(f"data: scaling, {count} synthetic volumes {config.scale_shape}")
+            csv_path = str(write_csv(scale_paths[:count], scratch / f"scale_{count}.csv"))
+            _safe(runs, f"scale/{count}", measure_corpus_scale, csv_path, str(scratch / f"cache_scale_{count}"),
+                  min(patch, min(config.scale_shape)))
         log(f"data: ours over epochs of {few} and of {many} phantoms, interleaved")
         _safe(runs, "small/epochs", measure_epoch_costs, small_lists, str(scratch / "cache_small"), patch, **limits)
     finally:
@@ -597,6 +632,12 @@ def summarize_runs(runs: dict[str, dict], config: DataBenchConfig, generation_s:
                 compact_targets.append(target(f"data: {storage} cache, {cohort_names[cohort]}: disk saving vs float32 "
                                               "(and patches/s ≥ 5× MONAI)", saving, "≥ 2× (and ≥ 5×)", met))
     few, many = config.small_corpora
+    scale_rows = []
+    for count in config.scale_counts:
+        entry = runs.get(f"scale/{count}", {})
+        scale_rows.append([count, entry.get("preparation_s"), entry.get("preparation_s_per_volume"),
+                           None if entry.get("cache_bytes") is None else entry["cache_bytes"] / 2**20,
+                           entry.get("bytes_per_voxel"), entry.get("first_batch_warm_s")])
     small = runs.get("small/epochs", {})
     small_share = ratio(small.get(f"epochs_{few}", {}).get("patches_per_s"),
                         small.get(f"epochs_{many}", {}).get("patches_per_s"))
@@ -628,6 +669,12 @@ def summarize_runs(runs: dict[str, dict], config: DataBenchConfig, generation_s:
                   "disk saving vs float32", "patches/s", "patches/s vs MONAI", "max |error| vs float32"], compact_rows,
                   notes=["float16: relative error ≤ 2⁻¹¹; int16: per-volume linear scale/offset, error ≤ "
                          "(max − min)/131070 (data_modules.cache.STORAGE_FORMATS)."]),
+            table(f"Scaling: corpora of small synthetic CTs {'×'.join(map(str, config.scale_shape))} "
+                  f"({LOADER_WORKERS} preprocessing threads, float32 cache)",
+                  ["volumes", "cold preparation s", "s per volume", "cache MiB", "bytes/voxel",
+                   "warm start to first batch s"], scale_rows,
+                  notes=["Warm start = a later run (or fit after `preprocess`): data-module set-up that finds every "
+                         "entry, then the first batch. Projections to 10k / 100k volumes: benchmarks/COST_MODEL.md."]),
             table(f"Small corpora: our patches/s over epochs of {few} vs {many} phantom volumes (queue rebuilt per epoch)",
                   ["corpus", "patches/s", "epochs consumed", "patches per epoch"], small_rows,
                   notes=["Both streams in one process, timed alternately batch by batch (robust to load changes); "
