@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from .cache import (
+    STORAGE_FORMATS,
     CachedVolume,
     CacheStorage,
-    STORAGE_FORMATS,
     _load_entry,
     cache_key,
     cached_validation,
@@ -44,7 +44,14 @@ from .cache import (
 )
 from .presets import Preprocessing, PreprocessingError
 from .sources import Case, DataSourceError
-from .validation import CaseReport, OnBadCase, ValidationSettings, inspect_case, select_good_cases, unexpected_failure
+from .validation import (
+    CaseReport,
+    OnBadCase,
+    ValidationSettings,
+    inspect_case,
+    select_good_cases,
+    unexpected_failure,
+)
 
 log = logging.getLogger(__name__)
 

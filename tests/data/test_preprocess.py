@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from volume_files import write_image
 
-import data_modules.cache as cache
+from data_modules import cache
 from data_modules import PretrainDataModule
 from data_modules.cache import IMAGE_FILE, META_FILE
 from data_modules.phantoms import ensure_phantom_cohort
