@@ -62,16 +62,13 @@ def parse_shard(text: str | None, environ: dict[str, str] | None = None) -> tupl
     return 0, 1
 
 
-def progress_bar(description: str):
-    """A ``progress(done, total, seconds)`` callback drawing a tqdm bar (rate and ETA) on stderr."""
+def progress_bar(description: str, total: int):
+    """A ``progress(done, total, seconds)`` callback drawing a tqdm bar (rate and ETA) on stderr, started now."""
     from tqdm import tqdm
 
-    bar = None
+    bar = tqdm(total=total, desc=description, unit="case", file=sys.stderr, dynamic_ncols=True)
 
     def progress(done: int, total: int, seconds: float) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc=description, unit="case", file=sys.stderr, dynamic_ncols=True)
         bar.update(done - bar.n)
         if done == total:
             bar.close()
@@ -109,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = prepare_cases(
         cases, datamodule.validation_settings(), datamodule.preprocessing, getattr(datamodule, "cache_dir", None),
         getattr(datamodule, "cache_storage", "float32"), workers, report=say,
-        progress=None if options.no_progress else progress_bar(f"shard {index}/{count}"))
+        progress=None if options.no_progress or not cases else progress_bar(f"shard {index}/{count}", len(cases)))
     actions = Counter(outcome.action for outcome in outcomes)
     reports = [outcome.report for outcome in outcomes]
     print(f"shard {index}/{count}: {len(cases)} case(s): {actions['written']} preprocessed, "
