@@ -76,8 +76,14 @@ def prepare_case(case: Case, settings: ValidationSettings, preprocessing: Prepro
     """Reuse, or check and preprocess, one case (see the module docstring); never raises for a bad case."""
     try:
         directory = entry_dir(cache_root, case, cache_key(case, preprocessing, channels, storage))
-    except OSError as error:
-        return Prepared(unexpected_failure(case, error, "inspected"), None, "bad")
+    except OSError as error:  # a source that cannot be stat'ed: the checks say why (dangling link, ...)
+        try:
+            report = inspect_case(case, settings)[0]
+        except Exception as failure:  # noqa: BLE001 - still a reported case
+            report = unexpected_failure(case, failure)
+        if report.ok:
+            report.add(case.image, f"cannot be inspected ({error})")
+        return Prepared(report, None, "bad")
     fingerprint = settings.fingerprint()
 
     def passed(record: dict | None) -> bool:
