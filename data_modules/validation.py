@@ -459,7 +459,7 @@ def validate_cases(
 ) -> list[CaseReport]:
     """Reports for ``cases`` (same order), reusing cached results of unchanged good cases.
 
-    Misses are checked in a ``spawn`` process pool when ``num_workers > 1`` (as the cache does).
+    Misses are checked in a ``spawn`` process pool when ``num_workers > 1`` (``check-data --workers``).
     Good results are stored with their cache entries (see :func:`~data_modules.cache.record_validation`);
     entries created later by :func:`~data_modules.prepare.prepare_case` skip the re-check and read the files once.
     """
