@@ -208,7 +208,7 @@ class SegmentationDataModule(PatchQueueDataModule):
         samples_per_volume: patches per volume load (MONAI recipe: 4).
         queue_length: patches held by the queue.
         batch_size: patches per training batch (per rank).
-        num_workers: queue workers (and preprocessing processes when the cache is cold).
+        num_workers: queue workers (and preprocessing threads when the cache is cold).
         pos_neg_ratio: foreground : background patch centres (MONAI ``pos/neg``; 1 → half each).
         label_fraction: share of the training cases whose labels are used.
         num_labelled: number of labelled training cases (overrides ``label_fraction``).
