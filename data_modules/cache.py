@@ -14,7 +14,9 @@ into place with ``os.replace``, ``meta.json`` last, so an entry is complete when
 exists. A writer holds an advisory lock on the entry (``flock`` on
 ``<cache_dir>/.locks/<entry>.lock``, released by the kernel if the process dies) while it checks and writes, so concurrent writers - the ranks of
 a node, two runs, the tasks of a SLURM array on a shared file system - never write one entry
-twice: the second finds the entry the first finished and reuses it.
+twice: the second finds the entry the first finished and reuses it. (NFS v4 supports ``flock``;
+Lustre needs its ``flock`` mount option. Without working locks, writers can duplicate work on an
+entry, never corrupt it: each file is written whole, then renamed.)
 """
 
 from __future__ import annotations
