@@ -212,7 +212,8 @@ def test_a_compact_cache_halves_the_disk_and_decodes_patches_within_its_stated_p
     stored, _ = read_cached_array(compact.image)
     assert stored.dtype == np.dtype(storage)
     decoded = decode_voxels(stored, compact.image).numpy()
-    bound = 2.0**-11 * np.abs(reference).max() if storage == "float16" else compact.meta["storage"]["max_abs_error"] * 1.01
+    scale = np.abs(reference).max()
+    bound = 2.0**-11 * scale if storage == "float16" else compact.meta["storage"]["max_abs_error"] + 2**-23 * scale  # + float32 rounding
     assert np.abs(decoded - reference).max() <= bound
     assert np.abs(decoded - reference).max() > 0  # lossy indeed: the bound is what is checked, not equality
 
