@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from volume_files import write_image
 
-from data_modules import cache
 from data_modules import PretrainDataModule
 from data_modules.cache import IMAGE_FILE, META_FILE
 from data_modules.phantoms import ensure_phantom_cohort
@@ -67,7 +66,6 @@ def test_preprocess_fills_the_cache_reruns_do_only_what_is_missing_and_fit_reads
     def must_not_run(*args, **kwargs):
         raise AssertionError("fit preprocessed or decoded a case the preprocess command had cached")
 
-    monkeypatch.setattr(cache, "preprocess_case", must_not_run)
     monkeypatch.setattr("data_modules.prepare.preprocess_case", must_not_run)
     monkeypatch.setattr("data_modules.prepare.inspect_case", must_not_run)
     module = data_module_from_args(args)
