@@ -1,18 +1,29 @@
-"""Data path: patches per second delivered to the training loop, first-batch latency, memory.
+"""Data path: patches per second delivered to the training loop, cold-cache preparation, disk, memory.
 
-Four pipelines, all with the same preprocessing (RAS, resampling to 1.5 × 1.5 × 2 mm, HU window
-[-175, 250] → [0, 1], padding to the patch), random patches, batch 2, 4 patches per volume load:
+Pipelines, all with the same preprocessing (RAS, resampling to 1.5 × 1.5 × 2 mm, HU window
+[-175, 250] → [0, 1], padding to the patch; no foreground crop on either side), random patches,
+batch 2, 4 patches per volume load, 2 workers wherever a library takes workers:
 
-* ``ours`` — :class:`data_modules.PretrainDataModule`: preprocess once into the on-disk cache, then
-  a TorchIO queue over memory-mapped arrays whose sampler cuts patch *views* (default settings:
-  no queue workers, 2 preprocessing workers for the one-off step);
-* ``torchio_naive`` — ``tio.Queue`` (2 workers) reading the ``.nii.gz`` files and preprocessing
-  every volume on the fly, each time it is loaded (rate = one whole epoch);
-* ``monai_cache`` — MONAI ``CacheDataset`` (deterministic transforms cached in RAM, 2 threads) +
-  ``RandSpatialCropSamplesd(num_samples=4)`` in a 2-worker DataLoader; each 4-patch item is
-  consumed as two batches of 2;
+* ``ours`` — :class:`data_modules.PretrainDataModule`: check and preprocess once into the on-disk
+  cache (one decode per volume, 2 preprocessing threads), then a TorchIO queue over memory-mapped
+  arrays whose sampler cuts patch *views* (default: no queue workers);
+* ``ours_float16`` / ``ours_int16`` — the same with a compact cache (``cache_storage``): bytes per
+  voxel, disk for the corpus, and the largest difference from the float32 cache of the same files;
+* ``torchio_naive`` — TorchIO as its docs show it: ``tio.Queue`` (2 workers) over
+  ``SubjectsDataset`` of the ``.nii.gz`` files with the preprocessing as the dataset's transform
+  (every volume decoded and preprocessed each time it is loaded; rate = one whole epoch);
+* ``monai_cache`` — MONAI ``CacheDataset`` (deterministic transforms cached in RAM, filled by 2
+  threads) + ``RandSpatialCropSamplesd(num_samples=4)`` in a DataLoader with 2 persistent workers
+  and ONE long epoch (a ``RandomSampler`` with replacement over 10⁶ draws), so no epoch boundary
+  drains its prefetch pipeline during the measurement; each 4-patch item is consumed as two
+  batches of 2;
 * ``slicing`` — the ceiling: the preprocessed arrays of our cache, memory-mapped, sliced in the
   main process with nothing else around.
+
+Cold-cache preparation is timed for ``ours`` (data-module set-up on an empty cache: discovery,
+checks and preprocessing) and for MONAI (the ``CacheDataset`` fill) on the same files with the same
+number of workers. A small-corpus section compares our patches/s over epochs of 3 and of 30
+volumes (each epoch rebuilds the queue: it must not cost per patch).
 
 Every batch is consumed (its voxels summed) so lazy data is materialised. Volumes: 512 × 512 × 160
 synthetic CTs at 0.7 × 0.7 × 2.5 mm stored as LPS-oriented int16 ``.nii.gz`` (a phantom of the
@@ -45,6 +56,8 @@ BATCH_SIZE = 2
 SAMPLES_PER_VOLUME = 4
 QUEUE_LENGTH = 24
 LOADER_WORKERS = 2
+MONAI_DRAWS = 10**6  # one epoch of the MONAI baseline: far more items than any measurement consumes
+COMPACT_STORAGES = ("float16", "int16")
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,9 @@ class DataBenchConfig:
     min_patches: int = 120
     min_seconds: float = 4.0
     max_seconds: float = 90.0
+    small_corpora: tuple[int, int] = (3, 30)  # phantom volumes per epoch: few vs many
+    scale_counts: tuple[int, ...] = (10, 100, 1000)  # corpus sizes of the scaling table (small volumes)
+    scale_shape: tuple[int, int, int] = (96, 96, 48)
 
     @staticmethod
     def full() -> DataBenchConfig:
@@ -67,7 +83,7 @@ class DataBenchConfig:
     @staticmethod
     def quick() -> DataBenchConfig:
         return DataBenchConfig(volumes=2, shape=(192, 192, 64), spacing=(1.0, 1.0, 3.0), patch=64, phantom_cases=4,
-                               min_patches=24, min_seconds=1.0, max_seconds=30.0)
+                               min_patches=24, min_seconds=1.0, max_seconds=30.0, scale_counts=(10, 100))
 
 
 def bench_root() -> Path:
@@ -162,16 +178,26 @@ def _first(iterator: Iterator, image_of: Callable[[Any], Any]) -> None:
 
 
 # --------------------------------------------------------------------------- the pipelines (child processes)
+def cache_disk(volumes) -> dict[str, float]:
+    """Bytes of the cached image arrays (``image.npy``) of ``volumes`` and bytes per voxel."""
+    size = sum(Path(v.image).stat().st_size for v in volumes)
+    voxels = sum(int(np.prod(v.shape)) for v in volumes)
+    return {"cache_bytes": size, "bytes_per_voxel": size / max(voxels, 1)}
+
+
 def measure_ours(csv_path: str | None, datalist: str | None, cache_dir: str, patch: int, min_patches: int,
-                 min_seconds: float, max_seconds: float, preprocess_workers: int = 2) -> dict[str, Any]:
+                 min_seconds: float, max_seconds: float, preprocess_workers: int = LOADER_WORKERS,
+                 storage: str = "float32", reference_cache: str | None = None) -> dict[str, Any]:
+    """Cold preparation, first batches, patches/s; ``reference_cache``: a float32 cache of the same files
+    to measure a compact ``storage``'s largest reconstruction error against."""
     from data_modules import PretrainDataModule
     from data_modules.presets import Preprocessing
 
-    def build():
+    def build(cache: str = cache_dir, cache_storage: str = storage):
         return PretrainDataModule(csv=csv_path, datalist=datalist, preprocessing=Preprocessing(**PREPROCESSING),
                                   patch_size=patch, samples_per_volume=SAMPLES_PER_VOLUME, queue_length=QUEUE_LENGTH,
-                                  batch_size=BATCH_SIZE, val_fraction=0.0, cache_dir=cache_dir,
-                                  preprocess_workers=preprocess_workers)
+                                  batch_size=BATCH_SIZE, val_fraction=0.0, cache_dir=cache,
+                                  preprocess_workers=preprocess_workers, cache_storage=cache_storage)
 
     def image_of(batch):
         return batch["image"]
@@ -194,13 +220,103 @@ def measure_ours(csv_path: str | None, datalist: str | None, cache_dir: str, pat
     epochs = _continue(iterator, lambda: loader)
     with MemorySampler() as training:
         rate = drain(epochs, image_of, min_patches, min_seconds, max_seconds)
-    ceiling = interleaved_rates((batch for epoch in epochs for batch in epoch),
-                                slicing_batches([v.image for v in module.train_volumes], patch), image_of,
-                                min_patches, min_seconds, max_seconds)
-    return {"volumes": len(module.train_volumes), "preprocessing_s": preprocessing_s, "first_batch_cold_s": first_cold_s,
-            "first_batch_cached_s": first_cached_s, **rate, "memory_one_off": one_off.report(),
-            "memory_training": training.report(), "interleaved_with_slicing": ceiling,
-            "cached_shape": list(module.train_volumes[0].shape)}
+    result = {"volumes": len(module.train_volumes), "preprocessing_s": preprocessing_s,
+              "first_batch_cold_s": first_cold_s, "first_batch_cached_s": first_cached_s, **rate,
+              "memory_one_off": one_off.report(), "memory_training": training.report(),
+              "cached_shape": list(module.train_volumes[0].shape), "storage": storage,
+              **cache_disk(module.train_volumes)}
+    if storage == "float32":
+        result["interleaved_with_slicing"] = interleaved_rates(
+            (batch for epoch in epochs for batch in epoch), slicing_batches([v.image for v in module.train_volumes],
+                                                                            patch), image_of, min_patches,
+            min_seconds, max_seconds)
+    if reference_cache is not None:
+        reference = build(reference_cache, "float32")
+        result["max_abs_error"] = max_difference(module.train_volumes, reference)
+        exact = (batch["image"] for epoch in _continue(iter(reference.train_dataloader()), reference.train_dataloader)
+                 for batch in epoch)
+        result["interleaved_with_float32"] = interleaved_rates((batch for epoch in epochs for batch in epoch), exact,
+                                                               image_of, min_patches, min_seconds, max_seconds)
+    return result
+
+
+def max_difference(volumes, reference_module) -> float:
+    """Largest |decoded compact voxel - float32 voxel| over ``volumes`` (same cases in the reference cache)."""
+    from data_modules.cache import decode_voxels
+
+    reference_module.setup("fit")
+    reference = {v.case_id: v for v in reference_module.train_volumes}
+    worst = 0.0
+    for volume in volumes:
+        decoded = decode_voxels(np.load(volume.image, mmap_mode="r")[:], volume.image).numpy()
+        exact = np.load(reference[volume.case_id].image, mmap_mode="r")
+        worst = max(worst, float(np.abs(decoded - exact).max()))
+    return worst
+
+
+def measure_epoch_costs(datalists: dict[str, str], cache_dir: str, patch: int, min_patches: int, min_seconds: float,
+                        max_seconds: float) -> dict[str, Any]:
+    """Our patches/s over many epochs of each corpus (each epoch rebuilds the queue), cache warm.
+
+    The corpora's streams are timed alternately, batch by batch, in this one process, so a change
+    of machine load hits them alike (the ratio is what matters).
+    """
+    from data_modules import PretrainDataModule
+    from data_modules.presets import Preprocessing
+
+    def epochs(datalist: str) -> Iterator:
+        module = PretrainDataModule(datalist=datalist, preprocessing=Preprocessing(**PREPROCESSING), patch_size=patch,
+                                    samples_per_volume=SAMPLES_PER_VOLUME, queue_length=QUEUE_LENGTH,
+                                    batch_size=BATCH_SIZE, val_fraction=0.0, cache_dir=cache_dir,
+                                    preprocess_workers=LOADER_WORKERS)
+        module.setup("fit")
+        epoch = 0
+        while True:
+            module.set_epoch(epoch)
+            counts[datalist] = epoch = epoch + 1
+            yield from module.train_dataloader()
+
+    counts: dict[str, int] = {}
+    streams = {name: epochs(datalist) for name, datalist in datalists.items()}
+    for stream in streams.values():
+        _first(stream, lambda b: b["image"])
+    seconds, patches = dict.fromkeys(streams, 0.0), dict.fromkeys(streams, 0)
+    while True:
+        for name, stream in streams.items():
+            start = time.perf_counter()
+            patches[name] += consume(next(stream)["image"])
+            seconds[name] += time.perf_counter() - start
+        total = sum(seconds.values())
+        if (min(patches.values()) >= min_patches and total >= 2 * min_seconds) or total >= max_seconds:
+            break
+    return {name: {"patches": patches[name], "seconds": seconds[name], "patches_per_s": patches[name] / seconds[name],
+                   "epochs": counts[datalists[name]]} for name in streams}
+
+
+def measure_corpus_scale(csv_path: str, cache_dir: str, patch: int) -> dict[str, Any]:
+    """Cold preparation, cache bytes, and the time a later run takes to its first batch (cache warm)."""
+    from data_modules import PretrainDataModule
+    from data_modules.presets import Preprocessing
+
+    def build():
+        return PretrainDataModule(csv=csv_path, preprocessing=Preprocessing(**PREPROCESSING), patch_size=patch,
+                                  samples_per_volume=SAMPLES_PER_VOLUME, queue_length=QUEUE_LENGTH,
+                                  batch_size=BATCH_SIZE, val_fraction=0.0, cache_dir=cache_dir,
+                                  preprocess_workers=LOADER_WORKERS)
+
+    start = time.perf_counter()
+    module = build()
+    module.setup("fit")
+    preparation_s = time.perf_counter() - start
+    del module
+    start = time.perf_counter()
+    module = build()
+    module.setup("fit")
+    _first(iter(module.train_dataloader()), lambda batch: batch["image"])
+    first_batch_s = time.perf_counter() - start
+    return {"volumes": len(module.train_volumes), "preparation_s": preparation_s,
+            "preparation_s_per_volume": preparation_s / len(module.train_volumes),
+            "first_batch_warm_s": first_batch_s, **cache_disk(module.train_volumes)}
 
 
 class PreprocessOnTheFly:
@@ -258,6 +374,7 @@ def monai_transforms(patch: int):
 def measure_monai_cache(paths: list[str], patch: int, min_patches: int, min_seconds: float,
                         max_seconds: float) -> dict[str, Any]:
     from monai.data import CacheDataset, DataLoader, list_data_collate
+    from torch.utils.data import RandomSampler
 
     def image_of(batch):
         return batch["image"]
@@ -272,7 +389,9 @@ def measure_monai_cache(paths: list[str], patch: int, min_patches: int, min_seco
         dataset = CacheDataset([{"image": p} for p in paths], monai_transforms(patch), cache_rate=1.0,
                                num_workers=LOADER_WORKERS, progress=False)
         cache_s = time.perf_counter() - start
-        loader = DataLoader(dataset, batch_size=1, shuffle=True, num_workers=LOADER_WORKERS,
+        # One long epoch (as MONAI's tutorials train: persistent workers, no epoch end inside the measurement).
+        draws = RandomSampler(dataset, replacement=True, num_samples=MONAI_DRAWS)
+        loader = DataLoader(dataset, batch_size=1, sampler=draws, num_workers=LOADER_WORKERS,
                             collate_fn=list_data_collate, persistent_workers=True)
         iterator = epoch()
         _first(iterator, image_of)
@@ -339,9 +458,22 @@ def measure_slicing(csv_path: str | None, datalist: str | None, cache_dir: str, 
 # --------------------------------------------------------------------------- orchestration
 PIPELINE_LABELS = {
     "ours": "ours: PretrainDataModule (cache + memory-mapped queue)",
+    "ours_float16": "ours, float16 cache",
+    "ours_int16": "ours, int16 cache (scale + offset)",
     "torchio_naive": "TorchIO Queue on .nii.gz, preprocessing on the fly",
     "monai_cache": "MONAI CacheDataset + RandSpatialCropSamplesd",
     "slicing": "ceiling: memory-mapped .npy, plain slicing",
+}
+PIPELINE_CONFIGS = {
+    "ours": f"{LOADER_WORKERS} preprocessing threads, one decode per volume; queue: 0 workers, length {QUEUE_LENGTH}, "
+            f"{SAMPLES_PER_VOLUME} patches/volume",
+    "ours_float16": "as ours, cache_storage float16",
+    "ours_int16": "as ours, cache_storage int16",
+    "torchio_naive": f"tio.Queue(num_workers={LOADER_WORKERS}, max_length={QUEUE_LENGTH}, samples_per_volume="
+                     f"{SAMPLES_PER_VOLUME}, UniformSampler) + DataLoader(num_workers=0), transform on SubjectsDataset",
+    "monai_cache": f"CacheDataset(cache_rate=1, num_workers={LOADER_WORKERS}) + DataLoader(num_workers={LOADER_WORKERS}, "
+                   f"persistent_workers, RandomSampler(replacement, {MONAI_DRAWS:.0e} draws) = one epoch)",
+    "slicing": "np.load(mmap_mode='r') + slicing in the main process",
 }
 
 
@@ -354,12 +486,13 @@ def _safe(runs: dict, key: str, function, *args, timeout: float = 1800.0, **kwar
 
 def _row(cohort: str, name: str, run: dict) -> list:
     if "error" in run:
-        return [cohort, PIPELINE_LABELS[name], None, None, None, None, None, None, None, "failed (see JSON)"]
+        return [cohort, PIPELINE_LABELS[name], None, None, None, None, None, None, None, "failed (see JSON)",
+                PIPELINE_CONFIGS[name]]
     training = run["memory_training"]
     one_off = run["memory_one_off"]
     return [cohort, PIPELINE_LABELS[name], run["volumes"], run["patches_per_s"], run["preprocessing_s"],
             run["first_batch_cold_s"], run["first_batch_cached_s"], max(one_off["peak_rss_mb"], training["peak_rss_mb"]),
-            training["peak_private_mb"], ""]
+            training["peak_private_mb"], "", PIPELINE_CONFIGS[name]]
 
 
 def run(config: DataBenchConfig, workdir: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -385,6 +518,10 @@ def run(config: DataBenchConfig, workdir: Path | None = None, log: Callable[[str
             _safe(runs, f"ct{count}/slicing", measure_slicing, csv_path, None, cache, patch, **limits)
             log(f"data: MONAI CacheDataset, {count} CTs")
             _safe(runs, f"ct{count}/monai_cache", measure_monai_cache, subset, patch, **limits)
+        for storage in COMPACT_STORAGES:
+            log(f"data: ours with a {storage} cache, {2 * n} CTs")
+            _safe(runs, f"ct{2 * n}/ours_{storage}", measure_ours, csv_path, None, str(scratch / f"cache_{storage}"),
+                  patch, storage=storage, reference_cache=cache, **limits)
         log(f"data: naive TorchIO, {2 * n} CTs")
         _safe(runs, f"ct{2 * n}/torchio_naive", measure_torchio_naive, [str(p) for p in paths], patch)
 
@@ -397,11 +534,34 @@ def run(config: DataBenchConfig, workdir: Path | None = None, log: Callable[[str
         for name, function, args, kwargs in (
             ("ours", measure_ours, (None, str(datalist), cache, patch), limits),
             ("slicing", measure_slicing, (None, str(datalist), cache, patch), limits),
+            *((f"ours_{storage}", measure_ours, (None, str(datalist), str(scratch / f"cache_phantoms_{storage}"), patch),
+               {**limits, "storage": storage, "reference_cache": cache}) for storage in COMPACT_STORAGES),
             ("monai_cache", measure_monai_cache, (phantom_paths, patch), limits),
             ("torchio_naive", measure_torchio_naive, (phantom_paths, patch), {}),
         ):
             log(f"data: {name}, phantoms")
             _safe(runs, f"phantoms/{name}", function, *args, **kwargs)
+
+        few, many = config.small_corpora
+        corpus = ensure_phantom_cohort(root / "phantoms", num_cases=many)
+        small_lists = {}
+        for count in (few, many):
+            subset_list = scratch / f"phantoms_{count}.json"
+            entries = json.loads(Path(corpus).read_text())
+            base = Path(corpus).parent
+            entries["training"] = [{key: str(base / value) if key in ("image", "label") else value
+                                    for key, value in item.items()} for item in entries["training"][:count]]
+            subset_list.write_text(json.dumps(entries))
+            small_lists[f"epochs_{count}"] = str(subset_list)
+        scale_paths = ensure_synthetic_cts(max(config.scale_counts), config.scale_shape, config.spacing, root=root,
+                                           seed=1)
+        for count in config.scale_counts:
+            log(f"data: scaling, {count} synthetic volumes {config.scale_shape}")
+            csv_path = str(write_csv(scale_paths[:count], scratch / f"scale_{count}.csv"))
+            _safe(runs, f"scale/{count}", measure_corpus_scale, csv_path, str(scratch / f"cache_scale_{count}"),
+                  min(patch, min(config.scale_shape)))
+        log(f"data: ours over epochs of {few} and of {many} phantoms, interleaved")
+        _safe(runs, "small/epochs", measure_epoch_costs, small_lists, str(scratch / "cache_small"), patch, **limits)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return summarize_runs(runs, config, generation_s)
@@ -415,7 +575,8 @@ def summarize_runs(runs: dict[str, dict], config: DataBenchConfig, generation_s:
     rows = []
     for key, run_result in runs.items():
         cohort, name = key.split("/")
-        rows.append(_row(cohort_names[cohort], name, run_result))
+        if cohort in cohort_names:
+            rows.append(_row(cohort_names[cohort], name, run_result))
 
     def rate(key: str) -> float | None:
         return runs.get(key, {}).get("patches_per_s")
@@ -447,7 +608,47 @@ def summarize_runs(runs: dict[str, dict], config: DataBenchConfig, generation_s:
     memory_rows = [["ours", private(f"ct{n}/ours"), private(f"{big}/ours"), growth],
                    ["MONAI CacheDataset", private(f"ct{n}/monai_cache"), private(f"{big}/monai_cache"), monai_growth]]
     columns = ["cohort", "pipeline", "volumes", "patches/s", "one-off preprocessing s", "first batch cold s",
-               "first batch cached s", "peak RSS MB", "peak private MB (training)", "note"]
+               "first batch cached s", "peak RSS MB", "peak private MB (training)", "note", "configuration"]
+
+    def value(key: str, field: str) -> float | None:
+        return runs.get(key, {}).get(field)
+
+    preparation_rows, preparation_targets = [], []
+    for cohort in (big, "phantoms"):
+        ours_s, monai_s = value(f"{cohort}/ours", "preprocessing_s"), value(f"{cohort}/monai_cache", "preprocessing_s")
+        share = ratio(ours_s, monai_s)
+        preparation_rows.append([cohort_names[cohort], ours_s, monai_s, share])
+        preparation_targets.append(target(f"data: cold cache preparation, ours / MONAI CacheDataset fill, "
+                                          f"{cohort_names[cohort]}", share, "≤ 1.0", None if share is None else share <= 1.0))
+    compact_rows, compact_targets = [], []
+    for cohort in (big, "phantoms"):
+        exact_bytes = value(f"{cohort}/ours", "cache_bytes")
+        monai_rate = rate(f"{cohort}/monai_cache")
+        for storage in ("float32", *COMPACT_STORAGES):
+            key = f"{cohort}/ours" if storage == "float32" else f"{cohort}/ours_{storage}"
+            saving = ratio(exact_bytes, value(key, "cache_bytes"))
+            vs_exact = 1.0 if storage == "float32" else runs.get(key, {}).get("interleaved_with_float32", {}).get("ratio")
+            vs_monai_rate = ratio(rate(key), monai_rate)
+            error = 0.0 if storage == "float32" else value(key, "max_abs_error")
+            compact_rows.append([cohort_names[cohort], storage, value(key, "bytes_per_voxel"),
+                                 None if value(key, "cache_bytes") is None else value(key, "cache_bytes") / 2**20,
+                                 saving, rate(key), vs_exact, vs_monai_rate, None if error is None else f"{error:.2e}"])
+            if storage != "float32":
+                met = None if saving is None or vs_monai_rate is None else saving >= 2.0 and vs_monai_rate >= 5.0
+                compact_targets.append(target(f"data: {storage} cache, {cohort_names[cohort]}: disk saving vs float32 "
+                                              "(and patches/s ≥ 5× MONAI)", saving, "≥ 2× (and ≥ 5×)", met))
+    few, many = config.small_corpora
+    scale_rows = []
+    for count in config.scale_counts:
+        entry = runs.get(f"scale/{count}", {})
+        scale_rows.append([count, entry.get("preparation_s"), entry.get("preparation_s_per_volume"),
+                           None if entry.get("cache_bytes") is None else entry["cache_bytes"] / 2**20,
+                           entry.get("bytes_per_voxel"), entry.get("first_batch_warm_s")])
+    small = runs.get("small/epochs", {})
+    small_share = ratio(small.get(f"epochs_{few}", {}).get("patches_per_s"),
+                        small.get(f"epochs_{many}", {}).get("patches_per_s"))
+    small_rows = [[f"{count} phantoms", small.get(f"epochs_{count}", {}).get("patches_per_s"),
+                   small.get(f"epochs_{count}", {}).get("epochs"), count * SAMPLES_PER_VOLUME] for count in (few, many)]
     return {
         "title": "Data path (patches delivered to the training loop)",
         "config": asdict(config),
@@ -465,6 +666,28 @@ def summarize_runs(runs: dict[str, dict], config: DataBenchConfig, generation_s:
             table("Ratios of patches/s", ["comparison", f"{2 * n} CTs", "phantoms"], ratios),
             table(f"Private memory while training, {n} vs {2 * n} volumes (MB)",
                   ["pipeline", f"{n} volumes", f"{2 * n} volumes", "growth"], memory_rows),
+            table(f"Cold cache preparation, same files, same preprocessing, {LOADER_WORKERS} workers each (s)",
+                  ["cohort", "ours (checks + preprocessing, one decode)", "MONAI CacheDataset fill", "ours / MONAI"],
+                  preparation_rows,
+                  notes=["ours = data-module set-up on an empty cache: discovery, file/header/voxel checks and "
+                         "preprocessing, arrays written to disk; MONAI = CacheDataset construction (arrays in RAM)."]),
+            table("Compact cache: disk, patches/s, precision", ["cohort", "storage", "bytes/voxel", "cache MiB",
+                  "disk saving vs float32", "patches/s", "patches/s vs float32, interleaved", "patches/s vs MONAI",
+                  "max |error| vs float32"], compact_rows,
+                  notes=["float16: relative error ≤ 2⁻¹¹; int16: per-volume linear scale/offset, error ≤ "
+                         "(max − min)/131070 (data_modules.cache.STORAGE_FORMATS).",
+                         "'vs float32, interleaved': the compact and the float32 stream timed alternately, batch by "
+                         "batch, in one process (robust to load); 'vs MONAI': separate processes."]),
+            table(f"Scaling: corpora of small synthetic CTs {'×'.join(map(str, config.scale_shape))} "
+                  f"({LOADER_WORKERS} preprocessing threads, float32 cache)",
+                  ["volumes", "cold preparation s", "s per volume", "cache MiB", "bytes/voxel",
+                   "warm start to first batch s"], scale_rows,
+                  notes=["Warm start = a later run (or fit after `preprocess`): data-module set-up that finds every "
+                         "entry, then the first batch. Projections to 10k / 100k volumes: benchmarks/COST_MODEL.md."]),
+            table(f"Small corpora: our patches/s over epochs of {few} vs {many} phantom volumes (queue rebuilt per epoch)",
+                  ["corpus", "patches/s", "epochs consumed", "patches per epoch"], small_rows,
+                  notes=["Both streams in one process, timed alternately batch by batch (robust to load changes); "
+                         "default settings (no queue workers)."]),
         ],
         "targets": [
             target("data: ours vs MONAI CacheDataset (patches/s)", vs_monai, "≥ 2×",
@@ -475,6 +698,10 @@ def summarize_runs(runs: dict[str, dict], config: DataBenchConfig, generation_s:
                    None if cached_first is None else cached_first < 2.0),
             target(f"data: private-memory growth {n} → {2 * n} volumes (MB)", growth,
                    f"≤ {growth_limit:.0f} MB (no growth beyond noise)", None if growth is None else growth <= growth_limit),
+            *preparation_targets,
+            *compact_targets,
+            target(f"data: patches/s with {few} vs {many} volumes per epoch", small_share, "within 20 % (0.8–1.25)",
+                   None if small_share is None else 0.8 <= small_share <= 1.25),
         ],
     }
 

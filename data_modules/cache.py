@@ -1,7 +1,7 @@
 """On-disk cache of preprocessed volumes: decode and resample once, afterwards only slice.
 
-Each entry is a folder ``<cache_dir>/<case_id>-<key>/`` holding ``image.npy`` (float32,
-C x I x J x K), optionally ``label.npy`` (uint8, or int16 when classes exceed 255) and
+Each entry is a folder ``<cache_dir>/<case_id>-<key>/`` holding ``image.npy`` (C x I x J x K, in
+the run's :data:`STORAGE_FORMATS` - float32 by default, or a compact float16 / int16 form), optionally ``label.npy`` (uint8, or int16 when classes exceed 255) and
 ``meta.json`` (affine after preprocessing, spacing, shape, source paths, preprocessing dict,
 original geometry, and a ``validation`` summary). ``.npy`` is uncompressed so it can be
 memory-mapped: readers page in only the voxels of the patches they cut, and RAM does not grow
@@ -11,27 +11,33 @@ The key hashes the resolved source paths with their sizes and ``mtime_ns`` (ever
 folder, and the data file of an ``.mhd``), the preprocessing settings and the channel count: a
 touched file or a changed setting yields a new entry. Files are written to temporaries and moved
 into place with ``os.replace``, ``meta.json`` last, so an entry is complete when ``meta.json``
-exists; concurrent writers of the same entry produce identical files and cannot corrupt it.
+exists. A writer holds an advisory lock on the entry (``flock`` on
+``<cache_dir>/.locks/<entry>.lock``, released by the kernel if the process dies) while it checks and writes, so concurrent writers - the ranks of
+a node, two runs, the tasks of a SLURM array on a shared file system - never write one entry
+twice: the second finds the entry the first finished and reuses it. (NFS v4 supports ``flock``;
+Lustre needs its ``flock`` mount option. Without working locks, writers can duplicate work on an
+entry, never corrupt it: each file is written whole, then renamed.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, TypeVar
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torchio as tio
 
@@ -43,6 +49,15 @@ IMAGE_FILE = "image.npy"
 LABEL_FILE = "label.npy"
 META_FILE = "meta.json"
 CHECKS_FILE = "checks.json"  # validation result of a case checked before it was preprocessed
+LOCKS = ".locks"  # <cache_dir>/.locks/<entry folder name>.lock: writer locks, outside the entries
+
+#: How ``image.npy`` stores the preprocessed intensities (a per-run choice; part of the cache key).
+#: ``float32``: exact. ``float16``: 2 bytes/voxel, relative error <= 2**-11 (<= 4.9e-4 on [0, 1]);
+#: values beyond +-65504 are refused. ``int16``: 2 bytes/voxel, linear quantisation of each volume's
+#: own [min, max] onto 65536 levels (``value = stored * scale + offset``, both in ``meta.json``),
+#: absolute error <= scale / 2 = (max - min) / 131070 (7.6e-6 for a [0, 1] CT window), plus float32 rounding.
+CacheStorage = Literal["float32", "float16", "int16"]
+STORAGE_FORMATS: tuple[str, ...] = ("float32", "float16", "int16")
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +80,11 @@ def _source_stats(path: Path) -> list[list]:
     return [[p.name, (stat := p.stat()).st_size, stat.st_mtime_ns] for p in files]
 
 
-def cache_key(case: Case, preprocessing: Preprocessing, channels: int = 1) -> str:
+def cache_key(case: Case, preprocessing: Preprocessing, channels: int = 1, storage: CacheStorage = "float32") -> str:
     """Hash of everything the cached arrays depend on."""
     sources = {"image": case.image, "label": case.label}
     description = {
+        **({} if storage == "float32" else {"storage": storage}),  # float32 keys predate the compact formats
         "format": CACHE_FORMAT_VERSION,
         "channels": channels,
         "preprocessing": preprocessing.fingerprint(),
@@ -122,9 +138,54 @@ def _load_entry(directory: Path, case_id: str) -> CachedVolume | None:
 
 
 @functools.lru_cache(maxsize=65536)
-def _entry_affine(directory: Path) -> np.ndarray:
+def _entry_geometry(directory: Path) -> tuple[np.ndarray, tuple[float, float] | None]:
     # Entries are content-addressed and never change once written, so caching per process is safe.
-    return np.array(json.loads((directory / META_FILE).read_text())["affine"], dtype=np.float64)
+    meta = json.loads((directory / META_FILE).read_text())
+    scaling = meta.get("storage", {}).get("scale"), meta.get("storage", {}).get("offset")
+    return np.array(meta["affine"], dtype=np.float64), None if scaling[0] is None else scaling
+
+
+def _entry_affine(directory: Path) -> np.ndarray:
+    return _entry_geometry(directory)[0]
+
+
+def decode_voxels(stored: torch.Tensor | np.ndarray, image_path: str | os.PathLike) -> torch.Tensor:
+    """Float32 intensities of voxels read from a cached ``image.npy`` (any :data:`STORAGE_FORMATS`).
+
+    float32 comes back as it is (a view, no copy); float16 is widened, int16 rescaled with its
+    entry's scale and offset. Only the voxels given are converted, so decode patches, not volumes.
+    """
+    tensor = torch.as_tensor(stored)
+    if tensor.dtype == torch.float32:
+        return tensor
+    # NumPy, single-threaded: a patch is too small to gain from torch's intra-op threads, which on a
+    # busy machine cost more in synchronisation than the conversion itself.
+    decoded = tensor.numpy().astype(np.float32)
+    scaling = _entry_geometry(Path(image_path).parent)[1]
+    if scaling is not None:
+        decoded *= np.float32(scaling[0])
+        decoded += np.float32(scaling[1])
+    return torch.from_numpy(decoded)
+
+
+def encode_voxels(array: np.ndarray, storage: CacheStorage, where: Path) -> tuple[np.ndarray, dict]:
+    """(stored array, ``meta.json``'s ``storage`` description) of float32 intensities; see :data:`STORAGE_FORMATS`."""
+    if storage == "float32":
+        return array, {"dtype": "float32"}
+    if storage == "float16":
+        limit = float(np.finfo(np.float16).max)
+        if float(np.abs(array).max(initial=0.0)) > limit:
+            raise DataSourceError(f"{where}: preprocessed intensities exceed float16's range (+-{limit:g}); "
+                                  "use cache_storage int16 or float32")
+        return array.astype(np.float16), {"dtype": "float16"}
+    if storage == "int16":
+        low, high = float(array.min()), float(array.max())
+        scale = (high - low) / 65535.0 if high > low else 1.0
+        offset = low + 32768.0 * scale  # stored -32768 is the minimum, 32767 the maximum
+        levels = np.rint((array.astype(np.float64) - low) / scale) - 32768.0
+        stored = np.clip(levels, -32768, 32767).astype(np.int16)
+        return stored, {"dtype": "int16", "scale": scale, "offset": offset, "max_abs_error": scale / 2}
+    raise ValueError(f"cache storage must be one of {STORAGE_FORMATS}, got {storage!r}")
 
 
 @functools.lru_cache(maxsize=128)
@@ -183,7 +244,8 @@ class MemoryMappedSampling:
     """Mixin for TorchIO patch samplers over cached volumes: lazy reads, zero-copy patches.
 
     Before sampling it attaches memory maps (see :func:`attach_memory_maps`), and its ``crop``
-    returns patches whose tensors are *views* of those maps instead of TorchIO's cloned copies:
+    returns patches whose tensors are *views* of those maps instead of TorchIO's cloned copies (for a
+    compact cache, the patch's voxels decoded to float32 - see :func:`decode_voxels`):
     the queue then buffers only views, and the voxels are read once, when the collate function
     copies them into the batch. The maps are copy-on-write, so an in-place edit of a patch can
     never reach the cache files. Combine it with any ``tio`` sampler (e.g. ``tio.LabelSampler`` for
@@ -202,7 +264,10 @@ class MemoryMappedSampling:
             if isinstance(value, tio.Image):
                 affine = value.affine.copy()
                 affine[:3, 3] = value.affine[:3, :3] @ start + value.affine[:3, 3]
-                fields[key] = type(value)(tensor=value.data[window], affine=affine)
+                data = value.data[window]
+                if isinstance(value, tio.ScalarImage) and data.dtype != torch.float32:  # compact cache
+                    data = decode_voxels(data, value.path)
+                fields[key] = type(value)(tensor=data, affine=affine)
             else:
                 fields[key] = value
         fields[tio.LOCATION] = torch.as_tensor([*start.tolist(), *stop.tolist()])
@@ -248,18 +313,27 @@ def _atomic_write(path: Path, write: Callable[[object], None]) -> None:
 
 
 def preprocess_case(
-    case: Case, preprocessing: Preprocessing, cache_dir: Path, channels: int = 1, checks: dict | None = None
+    case: Case,
+    preprocessing: Preprocessing,
+    cache_dir: Path,
+    channels: int = 1,
+    checks: dict | None = None,
+    storage: CacheStorage = "float32",
+    image: tio.ScalarImage | None = None,
+    label: tio.LabelMap | None = None,
 ) -> CachedVolume:
-    """Read, preprocess, check and store one case; returns the new cache entry.
+    """Preprocess and store one case; returns the new cache entry.
 
+    ``image`` / ``label``: the case's volumes when the caller has decoded them already (the data
+    checks do, see :mod:`data_modules.prepare`), so each file is read once; otherwise read here.
     ``checks`` is the case's result from :mod:`data_modules.validation`, stored in the sidecar's
     ``validation.checks`` so later runs need not re-check the unchanged files.
     """
-    key = cache_key(case, preprocessing, channels)
-    image = read_image(case.image, channels=channels)
+    key = cache_key(case, preprocessing, channels, storage)
+    image = read_image(case.image, channels=channels) if image is None else image
     images: dict[str, tio.Image] = {"image": image}
     if case.label is not None:
-        label = read_label(case.label)
+        label = read_label(case.label) if label is None else label
         if label.spatial_shape != image.spatial_shape or not np.allclose(label.affine, image.affine, atol=1e-3):
             raise DataSourceError(
                 f"{case.label}: label geometry differs from its image {case.image} "
@@ -272,11 +346,12 @@ def preprocess_case(
     array = subject["image"].data.numpy().astype(np.float32, copy=False)
     if not np.isfinite(array).all():
         raise DataSourceError(f"{case.image}: preprocessed image contains NaN or infinite values")
+    stored, storage_meta = encode_voxels(array, storage, case.image)
     label_array = _label_array(subject["label"].data, case.label) if case.label is not None else None
 
     directory = entry_dir(cache_dir, case, key)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / IMAGE_FILE, lambda handle: np.save(handle, np.ascontiguousarray(array)))
+    _atomic_write(directory / IMAGE_FILE, lambda handle: np.save(handle, np.ascontiguousarray(stored)))
     if label_array is not None:
         _atomic_write(directory / LABEL_FILE, lambda handle: np.save(handle, np.ascontiguousarray(label_array)))
     processed = _geometry(subject["image"])
@@ -287,7 +362,8 @@ def preprocess_case(
         "source": {"image": str(case.image), "label": None if case.label is None else str(case.label)},
         "preprocessing": preprocessing.to_dict(),
         "shape": list(array.shape),
-        "dtype": str(array.dtype),
+        "dtype": str(stored.dtype),
+        "storage": storage_meta,
         "label": None if label_array is None else {"file": LABEL_FILE, "dtype": str(label_array.dtype)},
         "affine": processed["affine"],
         "spacing": processed["spacing"],
@@ -314,21 +390,83 @@ def preprocess_case(
     return CachedVolume(case_id=case.case_id, image=directory / IMAGE_FILE, label=label_path, meta=meta)
 
 
-def _preprocess_or_report(
-    case: Case, preprocessing: Preprocessing, cache_dir: Path, channels: int, checks: dict | None = None
-) -> CachedVolume | str:
-    """Worker entry point: the entry, or a one-line description of why this case failed."""
+@contextlib.contextmanager
+def entry_lock(directory: Path):
+    """Hold the entry's writer lock (blocking): at most one process checks and writes an entry at a time.
+
+    ``flock`` locks die with their process, so a killed writer never leaves the entry locked.
+    """
+    lock = directory.parent / LOCKS / f"{directory.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def load_entry(cache_root: Path, case: Case, preprocessing: Preprocessing, channels: int = 1,
+               storage: CacheStorage = "float32") -> CachedVolume | None:
+    """The finished cache entry of ``case``, or None (raises OSError when its sources cannot be stat'ed)."""
+    return _load_entry(entry_dir(cache_root, case, cache_key(case, preprocessing, channels, storage)), case.case_id)
+
+
+def _cache_or_report(case: Case, preprocessing: Preprocessing, cache_dir: Path, channels: int,
+                     checks: dict | None, storage: CacheStorage) -> tuple[CachedVolume | str, bool]:
+    """Worker: (the entry or a one-line reason it failed, whether this call wrote it)."""
     try:
-        return preprocess_case(case, preprocessing, cache_dir, channels, checks)
+        directory = entry_dir(cache_dir, case, cache_key(case, preprocessing, channels, storage))
+        with entry_lock(directory):
+            finished = _load_entry(directory, case.case_id)  # maybe by another writer meanwhile
+            if finished is not None:
+                return finished, False
+            return preprocess_case(case, preprocessing, cache_dir, channels, checks, storage), True
     except (DataSourceError, PreprocessingError) as error:
-        return str(error)  # these messages already name the file
+        return str(error), False  # these messages already name the file
     except Exception as error:  # noqa: BLE001 - every bad case must be reported together, before training
-        return f"{case.image}: {type(error).__name__}: {error}"
+        return f"{case.image}: {type(error).__name__}: {error}", False
 
 
-def _limit_threads() -> None:
-    torch.set_num_threads(1)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+Item = TypeVar("Item")
+Outcome = TypeVar("Outcome")
+
+
+def map_cases(work: Callable[[Item], Outcome], items: Sequence[Item], num_workers: int = 0,
+              progress: Callable[[int, int, float], None] | None = None) -> list[Outcome]:
+    """``[work(item) for item in items]``, in a pool of ``num_workers`` threads when > 1.
+
+    Threads, not processes: decoding (ITK, zlib), resampling (ITK) and NumPy release the GIL, and a
+    thread starts in microseconds where a spawned process first spends seconds importing torch,
+    TorchIO and SimpleITK (as much as a small corpus takes to preprocess). ``progress(done, total,
+    seconds)`` is called after each item, in completion order.
+    """
+    start = time.monotonic()
+    if num_workers <= 1 or len(items) <= 1:
+        outcomes = []
+        for item in items:
+            outcomes.append(work(item))
+            if progress is not None:
+                progress(len(outcomes), len(items), time.monotonic() - start)
+        return outcomes
+    with ThreadPoolExecutor(min(num_workers, len(items)), thread_name_prefix="lmim-preprocess") as pool:
+        futures = [pool.submit(work, item) for item in items]
+        if progress is not None:
+            for done, _ in enumerate(as_completed(futures), start=1):
+                progress(done, len(items), time.monotonic() - start)
+        return [future.result() for future in futures]
+
+
+def log_progress(report: Callable[[str], None], every: int = 10, verb: str = "preprocessed"
+                 ) -> Callable[[int, int, float], None]:
+    """A ``progress`` callback for :func:`map_cases` that reports every ``every`` cases, with an ETA."""
+
+    def progress(done: int, total: int, seconds: float) -> None:
+        if done % max(every, 1) == 0 or done == total:
+            eta = seconds / done * (total - done)
+            report(f"{verb} {done}/{total} case(s) in {seconds:.1f} s" + (f", about {eta:.0f} s left" if done < total else ""))
+
+    return progress
 
 
 def ensure_cached(
@@ -340,47 +478,41 @@ def ensure_cached(
     log_every: int = 10,
     report: Callable[[str], None] = log.info,
     checks: Sequence[dict | None] | None = None,
+    storage: CacheStorage = "float32",
 ) -> list[CachedVolume]:
     """Cache entries for all ``cases`` (same order), preprocessing the ones not cached yet.
 
-    ``checks`` (one per case, optional) are validation results stored with new entries.
-
-    Misses run in a ``spawn`` process pool when ``num_workers > 1`` (spawn rather than fork
-    because forking a process whose ITK/OpenMP thread pools are already running can deadlock).
-    Every failing case is collected and reported in ONE :class:`DataSourceError` naming the file
-    and the problem, so a bad dataset is rejected before training instead of mid-epoch.
+    No data checks here (the data modules use :func:`data_modules.prepare.prepare_and_select`,
+    which checks and preprocesses on one decode); ``checks`` (one per case, optional) are
+    validation results stored with new entries. Misses run in ``num_workers`` threads
+    (:func:`map_cases`). Every failing case is collected and reported in ONE
+    :class:`DataSourceError` naming the file and the problem, so a bad dataset is rejected before
+    training instead of mid-epoch.
     """
+    if storage not in STORAGE_FORMATS:
+        raise ValueError(f"cache storage must be one of {STORAGE_FORMATS}, got {storage!r}")
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache_root.mkdir(parents=True, exist_ok=True)
     results: dict[int, CachedVolume | str] = {}
     missing: list[int] = []
     for index, case in enumerate(cases):
         try:
-            key = cache_key(case, preprocessing, channels)
+            cached = load_entry(cache_root, case, preprocessing, channels, storage)
         except OSError as error:
             results[index] = f"{case.image}: cannot be inspected ({error})"
             continue
-        cached = _load_entry(entry_dir(cache_root, case, key), case.case_id)
         if cached is None:
             missing.append(index)
         else:
             results[index] = cached
     if missing:
         report(f"preprocessing {len(missing)} of {len(cases)} case(s) into {cache_root}")
-        start = time.monotonic()
-        arguments = [(cases[i], preprocessing, cache_root, channels, checks[i] if checks else None) for i in missing]
-        if num_workers > 1 and len(missing) > 1:
-            context = multiprocessing.get_context("spawn")
-            workers = min(num_workers, len(missing))
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=_limit_threads) as pool:
-                outcomes = pool.map(_preprocess_or_report, *zip(*arguments))
-                for done, (index, outcome) in enumerate(zip(missing, outcomes), start=1):
-                    results[index] = outcome
-                    _progress(report, done, len(missing), log_every, start)
-        else:
-            for done, (index, args) in enumerate(zip(missing, arguments), start=1):
-                results[index] = _preprocess_or_report(*args)
-                _progress(report, done, len(missing), log_every, start)
+        outcomes = map_cases(
+            lambda i: _cache_or_report(cases[i], preprocessing, cache_root, channels, checks[i] if checks else None,
+                                       storage),
+            missing, num_workers, log_progress(report, log_every))
+        for index, (outcome, _) in zip(missing, outcomes):
+            results[index] = outcome
     failures = [(cases[i], outcome) for i, outcome in sorted(results.items()) if isinstance(outcome, str)]
     if failures:
         lines = "\n".join(f"  - {case.case_id}: {problem}" for case, problem in failures)
@@ -418,8 +550,3 @@ def record_validation(directory: Path, checks: dict) -> None:
     if (meta.get("validation") or {}).get("checks") != checks:
         meta.setdefault("validation", {})["checks"] = checks
         _atomic_write(path, lambda handle: handle.write(json.dumps(meta, indent=1).encode()))
-
-
-def _progress(report: Callable[[str], None], done: int, total: int, every: int, start: float) -> None:
-    if done % max(every, 1) == 0 or done == total:
-        report(f"preprocessed {done}/{total} case(s) in {time.monotonic() - start:.1f} s")

@@ -4,8 +4,10 @@ Data path, and why:
 
 * ``prepare_data`` (one process per node) and ``setup`` (every process) discover the cases, check
   them (:mod:`data_modules.validation`: readable, 3D, finite, plausible geometry; results cached)
-  and make sure each is preprocessed in the on-disk cache (:mod:`data_modules.cache`); bad cases
-  fail there, all together, before the first step - or are skipped with ``on_bad_case: skip``.
+  and preprocess them into the on-disk cache (:mod:`data_modules.cache`) on the same decode
+  (:mod:`data_modules.prepare`); bad cases fail there, all together, before the first step - or
+  are skipped with ``on_bad_case: skip``. ``python -m lightning_mim preprocess`` (same config) does
+  this ahead of time, sharded over processes or a SLURM array; ``fit`` then only indexes the cache.
 * Training subjects are lazily loaded TorchIO subjects over the cached ``.npy`` files
   (``load_getitem=False``, reader = memory map), so only tiny unloaded subjects ever travel to
   the queue. Its sampler (:class:`~data_modules.cache.MemoryMappedUniformSampler`) cuts patches
@@ -40,13 +42,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, Dataset
 
-from .cache import CachedVolume, MemoryMappedUniformSampler, ensure_cached, read_cached_array, volume_subject
+from .cache import STORAGE_FORMATS, CachedVolume, CacheStorage, MemoryMappedUniformSampler, decode_voxels, \
+    read_cached_array, volume_subject
 from .phantoms import ensure_phantom_cohort
 from .presets import Preprocessing, resolve_preprocessing
 from .patch_queue import PatchQueueDataModule
 from .resumable import ResumableLoader
 from .sources import Case, cases_from_csv, cases_from_datalist, cases_from_folder, combine_cases, split_by_subject
-from .validation import ON_BAD_CASE_CHOICES, OnBadCase, ValidationLimits, ValidationSettings, check_and_select
+from .prepare import prepare_and_select
+from .validation import ON_BAD_CASE_CHOICES, OnBadCase, ValidationLimits, ValidationSettings
 from .views import PatchAugmentation, ViewSampler, as_triple, build_view_sampler
 
 
@@ -121,7 +125,8 @@ class FixedPatchDataset(Dataset):
         volume = self.volumes[volume_index]
         array, _ = read_cached_array(volume.image)
         da, db, dc = self.patch_size
-        patch = torch.from_numpy(array[:, a : a + da, b : b + db, c : c + dc])  # view; collate copies it once
+        # a view for a float32 cache (collate copies it once); decoded to float32 for a compact one
+        patch = decode_voxels(array[:, a : a + da, b : b + db, c : c + dc], volume.image)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * index + 1)
         return volume.case_id, self.views(patch, generator)
 
@@ -149,7 +154,10 @@ class PretrainDataModule(PatchQueueDataModule):
             cache the workers would only pass tiny unloaded subjects (patches are cut in the main
             process, as TorchIO's queue always does), while re-forking them every epoch and the
             copy-on-write faults it causes cut throughput by half or more on a 2-core machine.
-        preprocess_workers: processes that fill a cold cache (spawned; 0 or 1 = in this process).
+        preprocess_workers: threads that check and preprocess a cold cache (0 or 1 = one at a time).
+        cache_storage: how the cache stores intensities - ``float32`` (exact, 4 bytes/voxel),
+            ``float16`` or ``int16`` (2 bytes/voxel; precision in ``data_modules.cache.STORAGE_FORMATS``).
+            Part of the cache key: entries of each format coexist.
         val_fraction: share of subjects held out for validation (by subject, from ``seed``).
         val_samples_per_volume: fixed patches per validation subject.
         seed: split, validation patches and the view/augmentation generator (offset per rank).
@@ -196,8 +204,11 @@ class PretrainDataModule(PatchQueueDataModule):
         phantom_seed: int = 0,
         on_bad_case: OnBadCase = "error",
         validation_limits: ValidationLimits | None = None,
+        cache_storage: CacheStorage = "float32",
     ):
         super().__init__()
+        if cache_storage not in STORAGE_FORMATS:
+            raise ValueError(f"cache_storage must be one of {STORAGE_FORMATS}, got {cache_storage!r}")
         if on_bad_case not in ON_BAD_CASE_CHOICES:
             raise ValueError(f"on_bad_case must be one of {ON_BAD_CASE_CHOICES}, got {on_bad_case!r}")
         for name, value, minimum in (
@@ -228,6 +239,7 @@ class PretrainDataModule(PatchQueueDataModule):
         self.val_samples_per_volume = val_samples_per_volume
         self.seed = seed
         self.cache_dir = cache_dir
+        self.cache_storage = cache_storage
         self.in_channels = in_channels
         self.augmentation = augmentation
         self.phantom_root = phantom_root
@@ -266,30 +278,20 @@ class PretrainDataModule(PatchQueueDataModule):
         """Every case this configuration would read (what ``check-data`` checks)."""
         return self.discover_cases()
 
-    def _checked_cases(self, cases: list[Case]) -> tuple[list[Case], list[dict]]:
-        """Usable cases and their check records; computed once per case list (prepare_data, then setup)."""
+    def _prepared(self, cases: list[Case]) -> list[CachedVolume]:
+        """Check and preprocess ``cases`` into the cache on one decode each (:mod:`data_modules.prepare`);
+        their entries, bad ones handled by ``on_bad_case``. Computed once per case list (prepare_data, then setup)."""
         if self._selection is None or self._selection[0] != cases:
-            selection = check_and_select(cases, self.validation_settings(), self.preprocessing, self.on_bad_case,
-                                         self.cache_dir, self.preprocess_workers, rank_zero_info, rank_zero_warn)
-            self._selection = (cases, *selection)
-        _, good, checks, self.skipped_cases = self._selection
-        return good, checks
+            volumes, skipped = prepare_and_select(
+                cases, self.validation_settings(), self.preprocessing, self.on_bad_case, self.cache_dir,
+                self.cache_storage, self.preprocess_workers, rank_zero_info, rank_zero_warn)
+            self._selection = (cases, volumes, skipped)
+        _, volumes, self.skipped_cases = self._selection
+        return volumes
 
     def _cache(self) -> list[CachedVolume]:
         with isolate_rng():  # whether the cache was warm must not change the training's random stream
-            return self._fill_cache()
-
-    def _fill_cache(self) -> list[CachedVolume]:
-        cases, checks = self._checked_cases(self.discover_cases())
-        return ensure_cached(
-            cases,
-            self.preprocessing,
-            cache_dir=self.cache_dir,
-            channels=self.in_channels,
-            num_workers=self.preprocess_workers,
-            report=rank_zero_info,
-            checks=checks,
-        )
+            return self._prepared(self.discover_cases())
 
     def prepare_data(self) -> None:
         """Generate the phantoms if needed and fill the cache (Lightning runs this once per node)."""

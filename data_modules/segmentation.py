@@ -44,8 +44,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, Dataset
 
-from .cache import CachedVolume, ensure_cached, read_cached_array, volume_subject
+from .cache import CachedVolume, read_cached_array, volume_subject
 from .phantoms import ensure_phantom_cohort
+from .prepare import prepare_and_select
 from .presets import Preprocessing, resolve_preprocessing
 from .patch_queue import PatchQueueDataModule
 from .resumable import ResumableLoader
@@ -61,7 +62,7 @@ from .sources import (
     split_by_subject,
     strip_image_suffix,
 )
-from .validation import ON_BAD_CASE_CHOICES, OnBadCase, ValidationLimits, ValidationSettings, check_and_select
+from .validation import ON_BAD_CASE_CHOICES, OnBadCase, ValidationLimits, ValidationSettings
 from .views import as_triple
 
 FOREGROUND_MAP = "foreground"
@@ -244,7 +245,7 @@ class SegmentationDataModule(PatchQueueDataModule):
         samples_per_volume: patches per volume load (MONAI recipe: 4).
         queue_length: patches held by the queue.
         batch_size: patches per training batch (per rank).
-        num_workers: queue workers (and preprocessing processes when the cache is cold).
+        num_workers: queue workers (and preprocessing threads when the cache is cold).
         pos_neg_ratio: foreground : background patch centres (MONAI ``pos/neg``; 1 → half each).
         label_fraction: share of the training cases whose labels are used.
         num_labelled: number of labelled training cases (overrides ``label_fraction``).
@@ -436,12 +437,10 @@ class SegmentationDataModule(PatchQueueDataModule):
         splits = self.discover()
         unique = self._unique_cases(splits)
         if self._selection is None or self._selection[0] != unique:
-            selection = check_and_select(unique, self.validation_settings(), self.preprocessing, self.on_bad_case,
-                                         self.cache_dir, self.num_workers, rank_zero_info, rank_zero_warn)
-            self._selection = (unique, *selection)
-        _, good, checks, self.skipped_cases = self._selection
-        volumes = ensure_cached(good, self.preprocessing, cache_dir=self.cache_dir, channels=self.in_channels,
-                                num_workers=self.num_workers, report=rank_zero_info, checks=checks)
+            self._selection = (unique, *prepare_and_select(
+                unique, self.validation_settings(), self.preprocessing, self.on_bad_case, self.cache_dir,
+                num_workers=self.num_workers, report=rank_zero_info, warn=rank_zero_warn))
+        _, volumes, self.skipped_cases = self._selection
         by_id = {v.case_id: v for v in volumes}
         return {name: [by_id[c.case_id] for c in group if c.case_id in by_id] for name, group in splits.items()}
 

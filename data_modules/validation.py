@@ -17,6 +17,10 @@ A case is checked on its raw files, in an order that never reads what cannot be 
    origin, direction, within ``geometry_atol`` mm / ``geometry_rtol``), integer values in the
    declared classes ``0..num_classes-1``, and some foreground.
 
+Steps 3 and 4 run on the decode that preprocessing then reuses (:mod:`data_modules.prepare`):
+training reads each file once. Checks of the decoded voxels are the functions in
+:data:`IMAGE_CHECKS` / :data:`LABEL_CHECKS`.
+
 Every problem is reported as ``<file>: <problem>``; a case's problems are all collected, and so
 are all bad cases, so one run of the checks tells everything that is wrong.
 
@@ -387,11 +391,29 @@ def _check_label_values(path: Path, data: torch.Tensor, settings: ValidationSett
         report.add(path, "label map holds only background (0): no foreground voxel")
 
 
-def validate_case(case: Case, settings: ValidationSettings) -> CaseReport:
-    """Check one case (see the module docstring); never raises for a data problem."""
+# Checks of the decoded voxels, run on the one decode that preprocessing then reuses. Each takes
+# ``(path, data, settings, report)`` (``data``: the voxels as stored, C x I x J x K) and adds
+# ``report.add(path, problem)`` for what is wrong; a new check is a function appended here.
+ImageCheck = Callable[[Path, torch.Tensor, ValidationSettings, CaseReport], None]
+IMAGE_CHECKS: tuple[ImageCheck, ...] = (_check_voxels,)
+LABEL_CHECKS: tuple[ImageCheck, ...] = (_check_label_values,)
+
+
+@dataclass
+class DecodedCase:
+    """The decoded volumes of a case that passed its checks, handed on to preprocessing (no second read)."""
+
+    image: Any  # tio.ScalarImage, loaded
+    label: Any | None = None  # tio.LabelMap, loaded
+
+
+def inspect_case(case: Case, settings: ValidationSettings) -> tuple[CaseReport, DecodedCase | None]:
+    """Check one case (see the module docstring), decoding each file at most once; never raises for a
+    data problem. The decoded volumes come back when the case is good, for :mod:`data_modules.prepare`."""
     report = CaseReport(case.case_id, str(case.image), None if case.label is None else str(case.label))
     image_path = Path(case.image)
     image_header = _checked_header(image_path, settings, report)
+    image = label = None
     if image_header is not None or (not report.problems and image_path.is_dir()):
         try:
             image = read_image(image_path, channels=settings.channels)
@@ -404,22 +426,35 @@ def validate_case(case: Case, settings: ValidationSettings) -> CaseReport:
                     report.add(image_path, problem)
             report.shape = list(image.spatial_shape)
             report.spacing = [float(s) for s in image.spacing]
-            _check_voxels(image_path, _stored_voxels(image_path, image), settings, report)
-    if case.label is None:
-        return report
-    label_path = Path(case.label)
-    label_header = _checked_header(label_path, settings, report)
-    if label_header is None:
-        return report
-    if image_header is not None:
-        for problem in _geometry_problems(label_header, image_header, settings.limits):
-            report.add(label_path, problem)
-    try:
-        label = read_label(label_path)
-    except DataSourceError as error:
-        report.problems.append(str(error))
-    else:
-        _check_label_values(label_path, label.data, settings, report)
+            voxels = _stored_voxels(image_path, image)
+            for check in IMAGE_CHECKS:
+                check(image_path, voxels, settings, report)
+    if case.label is not None:
+        label_path = Path(case.label)
+        label_header = _checked_header(label_path, settings, report)
+        if label_header is not None:
+            if image_header is not None:
+                for problem in _geometry_problems(label_header, image_header, settings.limits):
+                    report.add(label_path, problem)
+            try:
+                label = read_label(label_path)
+            except DataSourceError as error:
+                report.problems.append(str(error))
+            else:
+                for check in LABEL_CHECKS:
+                    check(label_path, label.data, settings, report)
+    return report, DecodedCase(image, label) if report.ok and image is not None else None
+
+
+def validate_case(case: Case, settings: ValidationSettings) -> CaseReport:
+    """Check one case; the report only (``check-data``)."""
+    return inspect_case(case, settings)[0]
+
+
+def unexpected_failure(case: Case, error: BaseException, doing: str = "checked") -> CaseReport:
+    """A report for a case whose check or preprocessing raised something unforeseen: a bad case, not a crash."""
+    report = CaseReport(case.case_id, str(case.image), None if case.label is None else str(case.label))
+    report.add(case.image, f"cannot be {doing} ({type(error).__name__}: {error})"[:500])
     return report
 
 
@@ -428,9 +463,7 @@ def _validate_safely(case: Case, settings: ValidationSettings) -> CaseReport:
     try:
         return validate_case(case, settings)
     except Exception as error:  # noqa: BLE001 - every case must be reported, the others still checked
-        report = CaseReport(case.case_id, str(case.image), None if case.label is None else str(case.label))
-        report.add(case.image, f"cannot be checked ({type(error).__name__}: {error})"[:500])
-        return report
+        return unexpected_failure(case, error)
 
 
 # --------------------------------------------------------------------------- many cases, with the cache
@@ -451,9 +484,9 @@ def validate_cases(
 ) -> list[CaseReport]:
     """Reports for ``cases`` (same order), reusing cached results of unchanged good cases.
 
-    Misses are checked in a ``spawn`` process pool when ``num_workers > 1`` (as the cache does).
+    Misses are checked in a ``spawn`` process pool when ``num_workers > 1`` (``check-data --workers``).
     Good results are stored with their cache entries (see :func:`~data_modules.cache.record_validation`);
-    entries created later by :func:`~data_modules.cache.ensure_cached` get them through ``checks``.
+    entries created later by :func:`~data_modules.prepare.prepare_case` skip the re-check and read the files once.
     """
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     fingerprint = settings.fingerprint()
@@ -487,7 +520,7 @@ def validate_cases(
 def bad_cases_message(reports: Sequence[CaseReport], total: int) -> str:
     """ONE message naming every bad case, its file(s) and problem(s)."""
     bad = [r for r in reports if not r.ok]
-    lines = [f"{len(bad)} of {total} case(s) cannot be used, they failed the data checks (fix them, or set the data "
+    lines = [f"{len(bad)} of {total} case(s) cannot be used, they failed the data checks or preprocessing (fix them, or set the data "
              "module's on_bad_case: skip to train without them):"]
     for item in bad:
         lines.append(f"  - {item.case_id}:")
@@ -540,27 +573,3 @@ def format_table(reports: Sequence[CaseReport]) -> str:
     bad = sum(not r.ok for r in reports)
     lines.append(f"{len(reports) - bad} of {len(reports)} case(s) ok, {bad} bad")
     return "\n".join(lines)
-
-
-def check_and_select(
-    cases: Sequence[Case],
-    settings: ValidationSettings,
-    preprocessing: Preprocessing,
-    on_bad_case: OnBadCase,
-    cache_dir: str | os.PathLike | None = None,
-    num_workers: int = 0,
-    report: Callable[[str], None] = log.info,
-    warn: Callable[[str], None] = log.warning,
-) -> tuple[list[Case], list[dict[str, Any]], list[dict[str, Any]]]:
-    """What a data module runs before caching: (usable cases, their check records, skipped cases).
-
-    The records go to :func:`~data_modules.cache.ensure_cached` (``checks=``) so new cache entries
-    remember that they passed; skipped cases are announced through ``warn`` (the run's log).
-    """
-    reports = validate_cases(cases, settings, preprocessing, cache_dir, num_workers, report)
-    good, skipped = select_good_cases(cases, reports, on_bad_case)
-    if skipped:
-        lines = [f"  - {item['case_id']}: " + "; ".join(item["problems"]) for item in skipped]
-        warn(f"on_bad_case=skip: skipping {len(skipped)} of {len(cases)} case(s) that failed the data checks:\n"
-             + "\n".join(lines))
-    return good, [r.record(settings) for r in reports if r.ok], skipped

@@ -34,6 +34,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "compare": "lightning_mim.segmentation.compare:main",
     "demo": "lightning_mim.demo:main",
     "check-data": "lightning_mim.reliability.check_data:main",
+    "preprocess": "lightning_mim.preprocess:main",
 }
 
 # One line per LightningCLI stage for ``--help`` (Lightning's own docstrings describe the Trainer method).

@@ -95,6 +95,12 @@ def test_every_data_pipeline_delivers_preprocessed_patches(tmp_path):
     assert ours["cached_shape"][1:] == [64, 64, 50]
     assert ours["preprocessing_s"] > 0 and ours["first_batch_cached_s"] > 0
     assert ours["interleaved_with_slicing"]["ratio"] > 0
+    assert ours["bytes_per_voxel"] == pytest.approx(4.0, abs=0.01)
+    compact = data_path.measure_ours(csv_path, None, str(tmp_path / "int16"), 16, preprocess_workers=0,
+                                     storage="int16", reference_cache=cache, **limits)
+    assert compact["bytes_per_voxel"] == pytest.approx(2.0, abs=0.01)
+    assert 0 < compact["max_abs_error"] <= 1e-4  # int16 over the [0, 1] window: ≤ 1/131070
+    assert compact["interleaved_with_float32"]["ratio"] > 0
     config = data_path.DataBenchConfig(volumes=1, shape=(48, 48, 20), patch=16, phantom_cases=1)
     runs["ct2/ours"] = runs["ct1/ours"]
     section = data_path.summarize_runs(runs, config)

@@ -8,6 +8,10 @@ One test, two jobs, both running 2-process DDP on CPU through ``srun`` with the 
   Lightning saves ``hpc_ckpt_1.ckpt`` in the run folder and requeues the job; the restarted job must
   resume at the saved global step, finish, and log to the same W&B run.
 
+A second test on the same cluster: ``preprocess_array.sbatch`` as an array of 2 tasks fills one
+cache, each task its own shard, every entry written once; ``fit``'s data set-up then preprocesses
+nothing.
+
 Skips (with the reason) only when the machine cannot host the cluster: not root, or SLURM missing
 and no apt-get. Run with ``make test-slurm`` (also part of ``make test``).
 """
@@ -15,6 +19,7 @@ and no apt-get. Run with ``make test-slurm`` (also part of ``make test``).
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -186,3 +191,49 @@ def test_sbatch_templates_train_requeue_and_resume(cluster, tmp_path):
     assert steps_after and min(steps_after) >= PAUSE_AT_STEP and max(steps_after) == FINAL_STEP - 1, attempts
     log = "".join(p.read_text() for p in requeued_work.glob("job-*.out"))
     assert f"job {requeued} restart 0" in log and f"job {requeued} restart 1" in log
+
+
+def array_tasks(cluster: LocalSlurmCluster, job: str) -> list[dict[str, str]]:
+    """``scontrol show job`` of every task of an array job (one line each)."""
+    done = cluster.run("scontrol", "show", "job", "-o", job)
+    return [dict(re.findall(r"(\S+?)=(\S*)", line)) for line in done.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.timeout(600)
+def test_preprocess_array_of_two_tasks_fills_one_cache(cluster, tmp_path, monkeypatch):
+    from data_modules.phantoms import ensure_phantom_cohort
+    from lightning_mim.reliability.check_data import data_module_from_args
+
+    work, data = tmp_path / "array", tmp_path / "data"
+    work.mkdir()
+    ensure_phantom_cohort(data / "phantoms", 3, (64, 64, 32), seed=0)  # tests/configs/mae_tiny.yaml's cohort
+    data_args = [f"--data.init_args.phantom_root={data / 'phantoms'}", f"--data.init_args.cache_dir={data / 'cache'}"]
+    env = cluster.env({"CONFIG": "experiments/mae.yaml tests/configs/mae_tiny.yaml", "PYTHON": sys.executable,
+                       "WORKERS": "1"})
+    job = cluster.sbatch(TEMPLATES / "preprocess_array.sbatch", "--array=0-1", "--cpus-per-task=1", "--time=10",
+                         f"--output={work}/task-%A_%a.out", script_args=tuple(data_args), env=env, cwd=REPO)
+
+    deadline = time.monotonic() + 500
+    while not (tasks := array_tasks(cluster, job)) or any(t.get("JobState") not in FINISHED_STATES for t in tasks):
+        assert time.monotonic() < deadline, f"array {job} unfinished: {tasks}\n{cluster.logs(1500)}"
+        time.sleep(0.5)
+    logs = {path.name: path.read_text(errors="replace") for path in work.glob("task-*.out")}
+    assert sorted(t.get("JobState") for t in tasks) == ["COMPLETED", "COMPLETED"], f"{tasks}\n{logs}"
+
+    summaries = [re.search(r"shard (\d)/2: (\d+) case\(s\): (\d+) preprocessed, (\d+) already cached, 0 bad", text)
+                 for text in logs.values()]
+    assert all(summaries) and len(summaries) == 2, logs
+    assert sorted(int(m.group(1)) for m in summaries) == [0, 1]  # each task took its own shard
+    assert sum(int(m.group(2)) for m in summaries) == 3 and sum(int(m.group(3)) for m in summaries) == 3
+    entries = [p for p in (data / "cache").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(entries) == 3 and all(sorted(f.name for f in p.iterdir()) == ["image.npy", "meta.json"] for p in entries)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("fit preprocessed a case the array had cached")
+
+    monkeypatch.setattr("data_modules.prepare.preprocess_case", must_not_run)
+    monkeypatch.setattr("data_modules.prepare.inspect_case", must_not_run)
+    module = data_module_from_args(["--config", str(REPO / "experiments/mae.yaml"),
+                                    "--config", str(REPO / "tests/configs/mae_tiny.yaml"), *data_args])
+    module.setup("fit")
+    assert len(module.train_volumes) + len(module.val_volumes) == 3

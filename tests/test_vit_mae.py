@@ -86,3 +86,21 @@ def test_patch_embedding_equals_its_strided_convolution_and_embeds_only_visible_
     visible = visible_indices(random_mask(2, 6, 4))
     expected = torch.gather(reference, 1, visible.unsqueeze(-1).expand(-1, -1, 48))
     assert torch.allclose(vit.patch_embed(x, visible), expected, atol=1e-5)
+
+
+def test_the_training_step_predicts_only_masked_tokens_with_the_same_loss_and_gradients():
+    model = tiny_mae()
+    images = torch.rand(2, 1, 32, 32, 32)
+    results = []
+    for full in (True, False):  # with panels every token is predicted; without, only the masked ones
+        model.zero_grad()
+        model.capture_visuals = full
+        torch.manual_seed(3)  # the same mask both times
+        loss = model.shared_step({"image": images}).losses["loss"]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (full_loss, full_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, full_loss)
+    assert grads.keys() == full_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], full_grads[name], rtol=1e-4, atol=1e-6, msg=name)

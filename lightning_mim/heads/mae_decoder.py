@@ -39,9 +39,12 @@ class MAEDecoder(nn.Module):
         self.head = nn.Linear(embed_dim, out_dim)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, latent: Tensor, visible: Tensor | None, num_prefix_tokens: int = 0) -> Tensor:
+    def forward(self, latent: Tensor, visible: Tensor | None, num_prefix_tokens: int = 0,
+                outputs: Tensor | None = None) -> Tensor:
         """``latent``: encoder output (prefix tokens first); ``visible``: ``B, n`` token indices or None
-        when the encoder saw every token. Returns ``B, L, out_dim`` in token order (prefix dropped)."""
+        when the encoder saw every token. Returns ``B, L, out_dim`` in token order (prefix dropped), or
+        with ``outputs`` (``B, m`` token indices) only those tokens' predictions, ``B, m, out_dim``: the
+        final norm and head are per token, so skipping the others changes nothing for the ones kept."""
         x = self.embed(latent[:, num_prefix_tokens:])
         b, length = x.shape[0], self.pos_embed.shape[1]
         if visible is not None:
@@ -51,4 +54,6 @@ class MAEDecoder(nn.Module):
         x = x + self.pos_embed.to(x.dtype)
         for block in self.blocks:
             x = block(x)
+        if outputs is not None:
+            x = torch.gather(x, 1, outputs.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return self.head(self.norm(x))

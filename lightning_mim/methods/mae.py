@@ -15,6 +15,11 @@ from lightning_mim.masking.visuals import reconstruction_visuals
 from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput
 
 
+def masked_indices(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the masked tokens of a ``B, L`` mask with equal counts per row, in token order."""
+    return visible_indices(~mask)
+
+
 class MAE3D(MIMModule):
     """Masked autoencoder on a ViT-3D.
 
@@ -72,12 +77,20 @@ class MAE3D(MIMModule):
         images = batch["image"]
         enc = self.encoder
         mask = random_mask(images.shape[0], enc.num_patches, self.num_masked, device=images.device)
-        pred, _ = self.reconstruct(images, mask)
         target = patchify(images, enc.patch_size)
-        loss, _ = masked_patch_loss(pred, target, mask, "l2", self.hparams.norm_pix_loss, self.hparams.norm_pix_unbiased)
         visuals = {}
-        if self.capture_visuals:
+        if self.capture_visuals:  # the panels need every token's prediction
+            pred, _ = self.reconstruct(images, mask)
             visuals = reconstruction_visuals(images, pred, mask, enc.patch_size, enc.grid, self.hparams.norm_pix_loss)
+        else:
+            # The loss averages over masked tokens only: predict, normalise and compare just those (the
+            # same loss and gradients; the head and the target statistics skip the visible quarter).
+            visible, hidden = visible_indices(mask), masked_indices(mask)
+            pred = self.decoder(enc(images, visible), visible, enc.num_prefix_tokens, outputs=hidden)
+            target = torch.gather(target, 1, hidden.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+        loss_mask = mask if self.capture_visuals else torch.ones(pred.shape[:2], dtype=torch.bool, device=pred.device)
+        loss, _ = masked_patch_loss(pred, target, loss_mask, "l2", self.hparams.norm_pix_loss,
+                                    self.hparams.norm_pix_unbiased)
         return StepOutput(losses={"loss": loss, "reconstruction": loss.detach()}, visuals=visuals,
                           scalars={"mask_ratio": mask.float().mean()})
 

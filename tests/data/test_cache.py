@@ -8,6 +8,7 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import torchio as tio
 from volume_files import ct_volume, mapped_file, write_dicom_series, write_image
 
@@ -194,3 +195,31 @@ def test_a_declared_multichannel_volume_is_cached_with_its_channels(tmp_path):
     assert array.shape == (2, 12, 10, 6)  # cropped to the non-zero foreground
     for channel in array:
         assert channel.mean() == pytest.approx(0, abs=1e-4) and channel.std() == pytest.approx(1, abs=1e-2)
+
+
+@pytest.mark.parametrize("storage", ["float16", "int16"])
+def test_a_compact_cache_halves_the_disk_and_decodes_patches_within_its_stated_precision(tmp_path, storage):
+    from data_modules.cache import MemoryMappedUniformSampler, decode_voxels
+
+    cases = [Case("ct", write_image(tmp_path / "ct.nii.gz", ct_volume()))]
+    windowed = Preprocessing(orientation="RAS", spacing=None, window=(-175.0, 250.0))
+    (exact,) = ensure_cached(cases, windowed, tmp_path / "cache")
+    (compact,) = ensure_cached(cases, windowed, tmp_path / "cache", storage=storage)
+    assert compact.image.parent != exact.image.parent  # the storage is part of the key: both entries coexist
+    assert compact.image.stat().st_size < 0.55 * exact.image.stat().st_size
+
+    reference, _ = read_cached_array(exact.image)
+    stored, _ = read_cached_array(compact.image)
+    assert stored.dtype == np.dtype(storage)
+    decoded = decode_voxels(stored, compact.image).numpy()
+    scale = np.abs(reference).max()
+    bound = 2.0**-11 * scale if storage == "float16" else compact.meta["storage"]["max_abs_error"] + 2**-23 * scale  # + float32 rounding
+    assert np.abs(decoded - reference).max() <= bound
+    assert np.abs(decoded - reference).max() > 0  # lossy indeed: the bound is what is checked, not equality
+
+    # the training sampler hands out float32 patches decoded from the compact entry
+    patch = next(MemoryMappedUniformSampler((8, 8, 8))(volume_subject(compact), 1))
+    start = patch[tio.LOCATION][:3].tolist()
+    window = reference[:, start[0]:start[0] + 8, start[1]:start[1] + 8, start[2]:start[2] + 8]
+    assert patch["image"].data.dtype == torch.float32
+    assert np.abs(patch["image"].data.numpy() - window).max() <= bound

@@ -239,3 +239,15 @@ def test_a_lightning_trainer_runs_epochs_and_validation(make_module):
     assert trainer.global_step == 6 and len(model.seen) == 12
     assert set(model.seen) == {v.case_id for v in module.train_volumes}
     assert "val/loss" in trainer.callback_metrics
+
+
+def test_a_compact_cache_gives_float32_batches_close_to_the_exact_ones(make_module):
+    exact, compact = make_module(val_fraction=0.5), make_module(val_fraction=0.5, cache_storage="int16")
+    assert [v.case_id for v in compact.val_volumes] == [v.case_id for v in exact.val_volumes]
+    for ours, reference in zip(compact.val_dataloader(), exact.val_dataloader()):  # fixed patches: same positions
+        assert ours["image"].dtype == torch.float32
+        assert (ours["image"] - reference["image"]).abs().max() <= 1e-4  # int16 over a [0, 1] window: ≤ 7.6e-6
+    batch = next(iter(compact.train_dataloader()))
+    assert batch["image"].dtype == torch.float32 and batch["image"].shape[1:] == (1, 16, 16, 16)
+    with pytest.raises(ValueError, match="cache_storage"):
+        PretrainDataModule(cache_storage="bfloat16")
