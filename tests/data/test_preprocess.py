@@ -96,12 +96,13 @@ def test_two_concurrent_processes_fill_one_cache_without_writing_an_entry_twice(
 
 def mri_cases(tmp_path: Path) -> list[str]:
     """Two MRI-like cases: a good one, and one whose non-zero voxels all hold the same value - it passes the
-    data checks (not constant, has foreground) but z-scoring its foreground is impossible."""
+    data checks (not constant, has foreground, not integer-valued like a label map) but z-scoring its
+    foreground is impossible."""
     rng = np.random.default_rng(0)
     good = np.zeros((24, 24, 24), np.float32)
     good[4:20, 4:20, 4:20] = rng.uniform(1.0, 2.0, (16, 16, 16))
     flat = np.zeros((24, 24, 24), np.float32)
-    flat[4:20, 4:20, 4:20] = 5.0
+    flat[4:20, 4:20, 4:20] = 5.25
     paths = [write_image(tmp_path / "mri" / f"{name}.nii.gz", array) for name, array in
              (("good", good), ("flat", flat))]
     csv = tmp_path / "cases.csv"
