@@ -2,9 +2,9 @@
 
 Run folder layout (Lightning's): ``<save_dir>/<project>/<run id>/`` holds ``checkpoints/``, the
 resolved ``lightning_config.yaml``, ``panels/``, the exported encoder and test metrics; the offline
-W&B files live in ``<save_dir>/wandb``, one folder per attempt: ``offline-run-<time>-<run id>`` for
-the first, ``offline-run-<time>-<run id>-attempt<n>`` for the n-th (so attempts started within the
-same second never share one). ``<save_dir>/wandb_run_id.txt`` holds the latest run id; the ranks
+W&B files live in ``<save_dir>/wandb``, one folder per attempt: ``offline-run-<start time>-<run id>``,
+or ``offline-run-<start time>-<run id>-attempt<n>`` when an earlier attempt started in the same
+second (so attempts never share one). ``<save_dir>/wandb_run_id.txt`` holds the latest run id; the ranks
 of a DDP run read the id rank 0 chose from it. Which run a ``fit`` continues is decided by the CLI
 (:mod:`lightning_mim.reliability.run_identity`).
 """
@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -123,24 +125,28 @@ class MIMWandbLogger(WandbLogger):
         return super().experiment
 
     def _give_attempt_its_own_folder(self) -> None:
-        """Suffix ``-attempt<n>`` on W&B's offline folder when an earlier attempt of this run has one.
+        """Suffix ``-attempt<n>`` on W&B's offline folder when an attempt of this run started this second.
 
         W&B names the folder ``offline-run-<start second>-<id>``; a resumed attempt started within
-        the same second as the previous one would otherwise write into (and over) its files.
+        the same second as the previous one would otherwise write into (and over) its files. W&B
+        takes its start time after this check, so it can only be this second or a later one, and
+        a folder of a later second cannot exist yet.
         """
         import wandb
 
         run_id = self._wandb_init["id"]
         wandb_dir = Path(self._wandb_init.get("dir") or self.save_dir or ".") / "wandb"
-        earlier = [*wandb_dir.glob(f"*-run-*-{run_id}"), *wandb_dir.glob(f"*-run-*-{run_id}-attempt*")]
-        if not earlier:
+        now = datetime.fromtimestamp(time.time()).strftime("%Y%m%d_%H%M%S")  # W&B's format
+        earlier = [*wandb_dir.glob(f"*run-*-{run_id}"), *wandb_dir.glob(f"*run-*-{run_id}-attempt*")]
+        stamps = [match.group(1) for folder in earlier if (match := re.search(r"run-(\d{8}_\d{6})-", folder.name))]
+        if not any(stamp >= now for stamp in stamps):
             return
+        attempt = len(earlier) + 1
+        while list(wandb_dir.glob(f"*run-*-{run_id}-attempt{attempt}")):
+            attempt += 1
         settings = self._wandb_init.get("settings") or wandb.Settings()
         if isinstance(settings, dict):
             settings = wandb.Settings(**settings)
-        attempt = len(earlier) + 1
-        while list(wandb_dir.glob(f"*-run-*-{run_id}-attempt{attempt}")):
-            attempt += 1
         settings.x_sync_dir_suffix = f"attempt{attempt}"
         self._wandb_init["settings"] = settings
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import wandb
 from reliability_probes import REPO, cli_command, logged_steps, read_losses, subprocess_env
 
 from lightning_mim.cli import main
@@ -82,6 +83,7 @@ def test_signals_checkpoint_and_stop_cleanly_and_the_same_command_resumes_the_sa
     assert last_checkpoint(runs, run_id)["global_step"] == TOTAL_STEPS
     steps = [json.loads(line)["step"] for line in losses.read_text().splitlines()]
     assert steps == list(range(1, TOTAL_STEPS + 1))  # each step trained exactly once
+    wandb.teardown()  # waits for W&B's writer process: the last attempt's log is complete
     attempts = sorted((runs / "wandb").glob(f"offline-run-*-{run_id}*"))  # a folder each, never shared
     assert len(attempts) == 3, attempts
     logged = [logged_steps(folder, "train/loss_step") for folder in attempts]
