@@ -25,11 +25,20 @@ class LossRecorder(L.Callback):
 
     With ``hold_at_step`` it then writes ``<path>.hold`` and sleeps, so a test can kill the
     process at a known point: inside that step's ``on_train_batch_end``, before its checkpoint.
+    With ``pause_file`` (read at training start; holds a global step) it writes ``<path>.paused`` at
+    that step and waits until the preemption handler has received a signal, so a signal sent from
+    outside lands at a known step however slow the machine is.
     """
 
-    def __init__(self, path: str, hold_at_step: int | None = None) -> None:
+    def __init__(self, path: str, hold_at_step: int | None = None, pause_file: str | None = None) -> None:
         self.path = Path(path)
         self.hold_at_step = hold_at_step
+        self.pause_file = pause_file
+        self.pause_at_step: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        pause = Path(self.pause_file) if self.pause_file else None
+        self.pause_at_step = int(pause.read_text()) if pause is not None and pause.is_file() else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -41,6 +50,12 @@ class LossRecorder(L.Callback):
         if self.hold_at_step is not None and trainer.global_step == self.hold_at_step:
             Path(f"{self.path}.hold").write_text(str(trainer.global_step))
             time.sleep(300)
+        if self.pause_at_step is not None and trainer.global_step == self.pause_at_step:
+            # wait (signal handlers run between the sleeps) until the preemption handler got a signal
+            Path(f"{self.path}.paused").write_text(str(trainer.global_step))
+            deadline = time.monotonic() + 600  # a guard only: the test signals as soon as it sees the file
+            while time.monotonic() < deadline and not any(getattr(c, "received", None) for c in trainer.callbacks):
+                time.sleep(0.05)
 
 
 class SignalAtStep(L.Callback):
