@@ -149,6 +149,9 @@ def test_two_process_ddp_run_of_the_cli(name, tmp_path, data_dirs):
         assert record["rank"] == rank and record["world_size"] == 2 and record.get("finished"), record
         assert record["global_step"] == EXPECTED_STEPS, f"rank {rank} ran {record['global_step']} steps"
     assert len(records[0]["batches"]) == len(records[1]["batches"])
+    # per-rank generators (seed + rank): the numbers masks and dropout are drawn from differ per rank
+    for first, second in zip(records[0]["batches"], records[1]["batches"]):
+        assert first["rng_sample"] != second["rng_sample"], f"both ranks drew the same numbers at step {first['step']}"
 
     # Disjoint subject shards in every epoch, covering the training cohort.
     for epoch in range(2):
@@ -179,6 +182,7 @@ def test_two_process_ddp_run_of_the_cli(name, tmp_path, data_dirs):
 
 
 # ------------------------------------------------------------------- per-rank randomness, resume
+@pytest.mark.slow  # three 2-process runs; the default DDP runs above check the per-rank draws
 @pytest.mark.timeout(900)
 def test_ranks_draw_their_own_masks_and_a_killed_two_process_run_resumes_exactly(tmp_path, data_dirs):
     """Per-rank generators (seed + rank): the numbers each rank's masks are drawn from differ across
