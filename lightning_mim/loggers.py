@@ -119,7 +119,7 @@ class MIMWandbLogger(WandbLogger):
         self._preempted = False
 
     @property
-    def experiment(self):  # noqa: ANN201 - Lightning's type
+    def experiment(self):
         if self._experiment is None and rank_zero_only.rank == 0:
             self._give_attempt_its_own_folder()
         return super().experiment

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-
 TESTED_LIGHTNING = ">=2.6,<2.7"  # keep equal to pyproject.toml's pin
 
 

@@ -22,7 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 import wandb
-from reliability_probes import REPO, cli_command, logged_steps, read_losses, subprocess_env
+from reliability_probes import (
+    REPO,
+    cli_command,
+    logged_steps,
+    read_losses,
+    subprocess_env,
+)
 
 from lightning_mim.cli import main
 

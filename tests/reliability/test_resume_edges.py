@@ -92,9 +92,8 @@ def test_a_finetuned_checkpoint_loads_after_its_encoder_file_is_gone(tmp_path):
 def test_the_private_lightning_fetcher_resume_state_restarts_still_means_the_same(tmp_path):
     """ResumeState restarts ``trainer.fit_loop._data_fetcher`` (Lightning has no public way): on a
     Lightning where that attribute is gone or no longer restarts the training stream, fail here."""
-    import tomllib
-
     import lightning
+    import tomllib
     from lightning.pytorch.demos.boring_classes import BoringModel
     from packaging.specifiers import SpecifierSet
 
