@@ -120,6 +120,7 @@ class MIMWandbLogger(WandbLogger):
 
     @property
     def experiment(self):
+        """The W&B run, started on first use; each attempt of a run in its own offline folder."""
         if self._experiment is None and rank_zero_only.rank == 0:
             self._give_attempt_its_own_folder()
         return super().experiment
