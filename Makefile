@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_FLAGS ?=
 
-.PHONY: venv demo test test-full test-slurm bench lint-docker clean
+.PHONY: venv demo test test-under-load test-full test-slurm bench lint-docker clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,18 @@ demo: $(STAMP)
 ## installs slurm-wlm + munge with apt-get when missing and skips, saying why, without root.
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_FLAGS)
+
+## The default suite LOAD_RUNS times in a row while a CPU-bound loop keeps every core busy (the
+## loops are stopped afterwards, also on failure or Ctrl-C); prints each pass's wall time. For
+## checking that no test depends on timing or load; not for CI.
+LOAD_RUNS ?= 3
+test-under-load: $(STAMP)
+	@pids=""; for core in $$(seq $$(nproc)); do $(PY) -c "while True: pass" & pids="$$pids $$!"; done; \
+	trap 'kill $$pids 2>/dev/null' EXIT INT TERM; status=0; \
+	for run in $$(seq $(LOAD_RUNS)); do \
+	  start=$$(date +%s); $(PY) -m pytest -m "not slow" $(PYTEST_FLAGS) || status=1; \
+	  echo "test-under-load: pass $$run of $(LOAD_RUNS) took $$(( $$(date +%s) - start )) s (exit status so far: $$status)"; \
+	done; exit $$status
 
 ## Everything, including slow training-curve checks.
 test-full: $(STAMP)

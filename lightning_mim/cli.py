@@ -10,6 +10,8 @@ import ast
 import importlib
 import importlib.util
 import json
+import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,16 +19,25 @@ from typing import Any
 import lightning as L
 import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from lightning_mim.config_checks import ConfigError, check_config
 from lightning_mim.console import mute_known_library_noise, program_name
-from lightning_mim.loggers import MIMWandbLogger
+from lightning_mim.loggers import MIMWandbLogger, persisted_run_id, slurm_run_id
 from lightning_mim.recipes import RecipeNotFound, resolve_config_arguments, shipped_recipes
 from lightning_mim.reliability.checkpoint_io import UNREADABLE, checkpoint_error, use_atomic_checkpoints
 from lightning_mim.reliability.nan_guard import NonFiniteGuard
 from lightning_mim.reliability.preemption import PreemptionCheckpoint, TrainingPreempted
 from lightning_mim.reliability.resume import ResumeState, resume_checkpoint
+from lightning_mim.reliability.run_identity import (
+    config_differences,
+    config_path_for,
+    describe_differences,
+    has_checkpoint,
+    matching_run,
+    record_changes,
+    saved_config,
+)
 
 # Project commands that are not Trainer stages: name → "module:function(argv)".
 EXTRA_COMMANDS: dict[str, str] = {
@@ -88,17 +99,22 @@ class SaveConfigToRun(SaveConfigCallback):
 
         text = self.parser.dump(self.config, skip_none=False)
         folder = run_directory(trainer)  # save_config runs on rank 0 only
-        if trainer.is_global_zero:
+        # Never over another config of the run: a later stage (or an allowed resume with changes)
+        # that differs gets lightning_config.<stage>-<n>.yaml; an identical one is not written again.
+        stage_name = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
+        path = config_path_for(folder, stage_name, text) if trainer.is_global_zero else None
+        if path is not None:
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / self.config_filename).write_text(text)
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if trainer.is_global_zero and experiment is not None and hasattr(experiment, "config"):
-                experiment.config.update({"lightning_config": yaml.safe_load(text)}, allow_val_change=True)
-                # Written inside W&B's own files folder, so it is saved as is (no symlink, no W&B warning).
-                in_run = Path(experiment.dir) / self.config_filename
-                in_run.write_text(text)
-                experiment.save(str(in_run), base_path=experiment.dir, policy="now")
+            path.write_text(text)
+            key = "lightning_config" if path.name == self.config_filename else path.stem.replace(".", "_")
+            for logger in trainer.loggers:
+                experiment = getattr(logger, "experiment", None)
+                if experiment is not None and hasattr(experiment, "config"):
+                    experiment.config.update({key: yaml.safe_load(text)}, allow_val_change=True)
+                    # Written inside W&B's own files folder, so it is saved as is (no symlink, no W&B warning).
+                    in_run = Path(experiment.dir) / path.name
+                    in_run.write_text(text)
+                    experiment.save(str(in_run), base_path=experiment.dir, policy="now")
         skipped = getattr(trainer.datamodule, "skipped_cases", None) if trainer.datamodule is not None else None
         if skipped and trainer.is_global_zero:
             (folder / SKIPPED_CASES_FILE).write_text(json.dumps(skipped, indent=1))
@@ -133,7 +149,11 @@ class MIMCLI(LightningCLI):
             parser.add_lightning_class_args(callback, key)
         parser.add_argument("--auto_resume", type=bool, default=True,
                             help="fit: without --ckpt_path, resume from the persisted run's newest checkpoint "
-                                 "(last.ckpt or SLURM's hpc checkpoint); false starts a new run with a new W&B id")
+                                 "(last.ckpt or SLURM's hpc checkpoint) when its saved config is this one; "
+                                 "false starts a new run with a new W&B id")
+        parser.add_argument("--resume_with_changes", type=bool, default=False,
+                            help="fit: continue the latest run even though settings differ from its saved config "
+                                 "(the differences are recorded in the run's config_changes.jsonl)")
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads ``--ckpt_path``'s hyper-parameters first: a damaged file gets fit's clear error."""
@@ -147,16 +167,67 @@ class MIMCLI(LightningCLI):
             raise checkpoint_error(path, error) from error
 
     def before_instantiate_classes(self) -> None:
-        """Configuration checks (sizes, class counts), then: ``--auto_resume false`` also stops the W&B
-        logger from reusing the persisted run id."""
+        """Configuration checks (sizes, class counts); refuse a stray ``default_root_dir``; for ``fit``,
+        choose the run this command continues or starts."""
         self.check_arguments()
         config = self.config.get(self.subcommand) if self.subcommand else None
-        if self.subcommand != "fit" or config is None or config.get("auto_resume", True):
+        if config is None:
             return
-        loggers = config.get("trainer.logger")
-        for logger in loggers if isinstance(loggers, list) else [loggers]:
-            if hasattr(logger, "get") and str(logger.get("class_path", "")).endswith("MIMWandbLogger"):
-                logger["init_args.resume"] = False
+        logger = wandb_logger_config(config)
+        if logger is None:
+            return  # without the W&B logger, default_root_dir is the run folder and --ckpt_path resumes
+        save_dir = str(logger.get("init_args.save_dir") or TRAINER_DEFAULTS["logger"]["init_args"]["save_dir"])
+        root = config.get("trainer.default_root_dir")
+        if root is not None and Path(str(root)).resolve() not in {Path(TRAINER_DEFAULTS["default_root_dir"]).resolve(),
+                                                                   Path(save_dir).resolve()}:
+            raise SystemExit(f"lightning_mim: --trainer.default_root_dir {root} would not hold this run's outputs: with "
+                             "the W&B logger every output (checkpoints, config, panels, encoder, metrics, W&B files) "
+                             f"goes under --trainer.logger.init_args.save_dir (now {save_dir}); set that instead")
+        if self.subcommand != "fit":
+            return
+        if not config.get("auto_resume", True):
+            logger["init_args.resume"] = False  # also stops the logger from reusing the persisted run id
+        elif rank_zero_only.rank == 0:  # other ranks read the id rank 0 chose (loggers.resolve_run_id)
+            self._choose_run(config, logger, save_dir)
+
+    def _choose_run(self, config, logger, save_dir: str) -> None:
+        """Continue the run whose saved config is this command's resolved config, else start a new one.
+
+        See :mod:`lightning_mim.reliability.run_identity`. An id fixed from outside (``--...id``,
+        a sweep's ``WANDB_RUN_ID``, a SLURM job) names the run: a differing saved config is refused.
+        """
+        self._config_changes = None
+        project = str(logger.get("init_args.project") or "lightning-mim")
+        current = yaml.safe_load(self._parser("fit").dump(config, skip_none=False))
+        allow = bool(config.get("resume_with_changes", False))
+        fixed = logger.get("init_args.id") or os.environ.get("WANDB_RUN_ID") or slurm_run_id()
+        if fixed:
+            run_dir = Path(save_dir) / project / str(fixed)
+            saved = saved_config(run_dir) if has_checkpoint(run_dir) else None
+            differences = config_differences(saved, current) if saved is not None else {}
+            if differences and not allow:
+                raise SystemExit(f"lightning_mim: run {fixed} in {run_dir} was started with other settings "
+                                 f"({describe_differences(differences)}); choose another run id or save_dir, or "
+                                 "pass --resume_with_changes true to continue it with these")
+            self._config_changes = (run_dir, differences) if differences else None
+            return
+        match = matching_run(save_dir, project, current)
+        if match is not None:
+            logger["init_args.id"] = match
+            return
+        latest = persisted_run_id(save_dir)
+        latest_dir = Path(save_dir) / project / latest if latest else None
+        saved = saved_config(latest_dir) if latest_dir is not None and has_checkpoint(latest_dir) else None
+        differences = config_differences(saved, current) if saved is not None else {}
+        if allow and saved is not None:
+            logger["init_args.id"] = latest
+            self._config_changes = (latest_dir, differences) if differences else None
+            return
+        run_id = secrets.token_hex(4)
+        logger["init_args.id"] = run_id
+        if saved is not None:
+            rank_zero_info(f"new run {run_id}: the latest run {latest} in {Path(save_dir) / project} was started with "
+                           f"other settings ({describe_differences(differences)}); it is left as it was")
 
     def check_arguments(self) -> None:
         """Raise :class:`~lightning_mim.config_checks.ConfigError` for sizes or counts that cannot work,
@@ -166,7 +237,7 @@ class MIMCLI(LightningCLI):
             check_config(config.as_dict())
 
     def before_fit(self) -> None:
-        """Auto-resume: without ``--ckpt_path``, continue the persisted run from its newest checkpoint."""
+        """Auto-resume: without ``--ckpt_path``, continue the chosen run from its newest checkpoint."""
         config = self.config_init["fit"]
         if config.get("ckpt_path") is not None or not config.get("auto_resume", True):
             return
@@ -174,27 +245,43 @@ class MIMCLI(LightningCLI):
         if not isinstance(logger, MIMWandbLogger):
             return  # only the W&B logger persists a run to continue; use --ckpt_path otherwise
         path = resume_checkpoint(logger.run_dir, self.trainer.default_root_dir)
-        if path is not None:
-            config["ckpt_path"] = path
-            rank_zero_info(f"auto-resume: continuing from {path} (--auto_resume false starts a new run)")
+        if path is None:
+            return
+        config["ckpt_path"] = path
+        changes = getattr(self, "_config_changes", None)
+        if changes is not None and self.trainer.is_global_zero:
+            run_dir, differences = changes
+            record_changes(run_dir, differences)
+            rank_zero_info(f"auto-resume with changes ({describe_differences(differences)}), recorded in "
+                           f"{run_dir / 'config_changes.jsonl'}: continuing from {path}")
+        else:
+            rank_zero_info(f"auto-resume: continuing from {path}, the run started with this config "
+                           "(--auto_resume false starts a new run)")
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """Puts ``default_root_dir`` in the W&B run's folder, unless the user pointed it elsewhere.
+        """Puts ``default_root_dir`` in the W&B run's folder.
 
         Lightning writes SLURM's ``hpc_ckpt_<n>.ckpt`` to ``default_root_dir`` on the requeue signal
         and restores the highest-numbered one found there on restart. In the run folder
         (``<save_dir>/<project>/slurm-<job id>``) a requeued job finds exactly its own checkpoint
         beside its ``checkpoints/``, and never that of another job or sweep trial sharing ``save_dir``.
-        Applies when ``default_root_dir`` is left at its default or equals the logger's ``save_dir``.
+        (A ``default_root_dir`` other than the default or ``save_dir`` was refused before.)
         """
-        trainer_config = self._get(self.config_init, "trainer", default={})
-        logger = trainer_config.get("logger")
-        root = Path(str(trainer_config.get("default_root_dir") or TRAINER_DEFAULTS["default_root_dir"]))
-        if isinstance(logger, MIMWandbLogger) and root in (Path(TRAINER_DEFAULTS["default_root_dir"]), Path(logger.save_dir)):
+        logger = self._get(self.config_init, "trainer", default={}).get("logger")
+        if isinstance(logger, MIMWandbLogger):
             kwargs.setdefault("default_root_dir", str(logger.run_dir))
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoints(trainer)
         return trainer
+
+
+def wandb_logger_config(config) -> Any | None:
+    """The (first) ``MIMWandbLogger`` entry of a parsed, not yet instantiated, trainer config."""
+    loggers = config.get("trainer.logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if hasattr(logger, "get") and str(logger.get("class_path", "")).endswith("MIMWandbLogger"):
+            return logger
+    return None
 
 
 def run_extra_command(name: str, argv: list[str]) -> int:

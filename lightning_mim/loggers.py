@@ -1,9 +1,12 @@
 """W&B logging that is offline by default and keeps one run id across restarts.
 
 Run folder layout (Lightning's): ``<save_dir>/<project>/<run id>/`` holds ``checkpoints/``, the
-resolved ``lightning_config.yaml`` and ``panels/``; the offline W&B files live in ``<save_dir>/wandb``.
-``<save_dir>/wandb_run_id.txt`` remembers the latest run id so that a restarted job (after a crash,
-preemption or SLURM requeue) resumes the same checkpoint *and* the same W&B run.
+resolved ``lightning_config.yaml``, ``panels/``, the exported encoder and test metrics; the offline
+W&B files live in ``<save_dir>/wandb``, one folder per attempt: ``offline-run-<start time>-<run id>``,
+or ``offline-run-<start time>-<run id>-attempt<n>`` when an earlier attempt started in the same
+second (so attempts never share one). ``<save_dir>/wandb_run_id.txt`` holds the latest run id; the ranks
+of a DDP run read the id rank 0 chose from it. Which run a ``fit`` continues is decided by the CLI
+(:mod:`lightning_mim.reliability.run_identity`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +83,8 @@ def resolve_run_id(save_dir: str | Path, project: str, explicit: str | None = No
 class MIMWandbLogger(WandbLogger):
     """``WandbLogger`` that is offline unless told otherwise and reuses the run id of a resumed run.
 
-    Offline runs are uploaded later with ``wandb sync <save_dir>/wandb/offline-run-*``.
+    Offline runs are uploaded later with ``wandb sync <save_dir>/wandb/offline-run-*``: all attempts
+    of a run carry its id, so they sync into that one W&B run.
 
     Args:
         project: W&B project (also the middle part of the run folder).
@@ -113,6 +119,39 @@ class MIMWandbLogger(WandbLogger):
             self._wandb_init.pop("anonymous", None)
         self.run_dir = Path(save_dir) / project / run_id
         self._preempted = False
+
+    @property
+    def experiment(self):
+        """The W&B run, started on first use; each attempt of a run in its own offline folder."""
+        if self._experiment is None and rank_zero_only.rank == 0:
+            self._give_attempt_its_own_folder()
+        return super().experiment
+
+    def _give_attempt_its_own_folder(self) -> None:
+        """Suffix ``-attempt<n>`` on W&B's offline folder when an attempt of this run started this second.
+
+        W&B names the folder ``offline-run-<start second>-<id>``; a resumed attempt started within
+        the same second as the previous one would otherwise write into (and over) its files. W&B
+        takes its start time after this check, so it can only be this second or a later one, and
+        a folder of a later second cannot exist yet.
+        """
+        import wandb
+
+        run_id = self._wandb_init["id"]
+        wandb_dir = Path(self._wandb_init.get("dir") or self.save_dir or ".") / "wandb"
+        now = datetime.fromtimestamp(time.time()).strftime("%Y%m%d_%H%M%S")  # W&B's format
+        earlier = [*wandb_dir.glob(f"*run-*-{run_id}"), *wandb_dir.glob(f"*run-*-{run_id}-attempt*")]
+        stamps = [match.group(1) for folder in earlier if (match := re.search(r"run-(\d{8}_\d{6})-", folder.name))]
+        if not any(stamp >= now for stamp in stamps):
+            return
+        attempt = len(earlier) + 1
+        while list(wandb_dir.glob(f"*run-*-{run_id}-attempt{attempt}")):
+            attempt += 1
+        settings = self._wandb_init.get("settings") or wandb.Settings()
+        if isinstance(settings, dict):
+            settings = wandb.Settings(**settings)
+        settings.x_sync_dir_suffix = f"attempt{attempt}"
+        self._wandb_init["settings"] = settings
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

@@ -2,10 +2,15 @@
 
 Added on the command line with ``--trainer.callbacks+=tests.ddp_probe.Probe
 --trainer.callbacks.init_args.out_dir=DIR``. Every process writes ``DIR/rank<r>-attempt<a>.json``
-(``a`` = ``SLURM_RESTART_COUNT``, 0 outside SLURM): the case ids of every batch it trained on, the
-global step when training started and after every batch, the W&B run id and the root dir; at the
+(``a`` = ``SLURM_RESTART_COUNT``, else ``PROBE_ATTEMPT``, else 0): the case ids of every batch it
+trained on, the global step when training started and after every batch, the W&B run id and the
+root dir; per batch also the loss and the first numbers the global torch generator will hand the
+method (its mask noise: drawn from a copy of the generator, so training is not changed); at the
 start and end of training it saves its full ``state_dict`` (weights *and* buffers such as teacher
 centers) to ``DIR/rank<r>-attempt<a>.start.pt`` / ``.pt``.
+
+``signal_file``: when that file exists at training start, it holds a global step; every rank then
+sends itself SIGTERM at the start of that step's batch (the preemption handler stops the run).
 
 ``pause_at_step`` makes the first attempt of a SLURM job wait after that optimizer step (all ranks
 at the same point, so no collective is in flight) until SIGTERM or ``pause_seconds``: the test sends
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -31,14 +37,17 @@ class Probe(L.Callback):
     Args:
         out_dir: folder for the per-rank records (created).
         pause_at_step: global step after which the first SLURM attempt waits; None = never.
-        pause_seconds: longest wait before training goes on anyway.
+        pause_seconds: longest wait before training goes on anyway (a guard, far above any signal delay).
     """
 
-    def __init__(self, out_dir: str, pause_at_step: int | None = None, pause_seconds: float = 120.0) -> None:
+    def __init__(self, out_dir: str, pause_at_step: int | None = None, pause_seconds: float = 900.0,
+                 signal_file: str | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.pause_at_step = pause_at_step
         self.pause_seconds = pause_seconds
-        self.attempt = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        self.signal_file = signal_file
+        self.signal_step: int | None = None
+        self.attempt = int(os.environ.get("SLURM_RESTART_COUNT") or os.environ.get("PROBE_ATTEMPT") or 0)
         self.record: dict[str, Any] = {}
 
     def _path(self, trainer: L.Trainer, suffix: str) -> Path:
@@ -66,17 +75,26 @@ class Probe(L.Callback):
         }
         self._write(trainer)
         torch.save(self._state(pl_module), self._path(trainer, "start.pt"))
+        path = Path(self.signal_file) if self.signal_file else None
+        self.signal_step = int(path.read_text()) if path is not None and path.is_file() else None
 
     @staticmethod
     def _state(pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self.record["batches"].append({"epoch": trainer.current_epoch, "case_ids": list(batch["case_id"])})
+        if trainer.global_step == self.signal_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        upcoming = torch.Generator().set_state(torch.get_rng_state())
+        self.record["batches"].append({"epoch": trainer.current_epoch, "step": trainer.global_step,
+                                       "case_ids": list(batch["case_id"]),
+                                       "rng_sample": torch.rand(8, generator=upcoming).tolist()})
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.record["global_step"] = trainer.global_step
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.record["batches"][-1]["loss"] = float(loss)
         self._write(trainer)
         if self.attempt == 0 and trainer.global_step == self.pause_at_step:
             (self.out_dir / f"paused-rank{trainer.global_rank}").touch()

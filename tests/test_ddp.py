@@ -149,6 +149,9 @@ def test_two_process_ddp_run_of_the_cli(name, tmp_path, data_dirs):
         assert record["rank"] == rank and record["world_size"] == 2 and record.get("finished"), record
         assert record["global_step"] == EXPECTED_STEPS, f"rank {rank} ran {record['global_step']} steps"
     assert len(records[0]["batches"]) == len(records[1]["batches"])
+    # per-rank generators (seed + rank): the numbers masks and dropout are drawn from differ per rank
+    for first, second in zip(records[0]["batches"], records[1]["batches"]):
+        assert first["rng_sample"] != second["rng_sample"], f"both ranks drew the same numbers at step {first['step']}"
 
     # Disjoint subject shards in every epoch, covering the training cohort.
     for epoch in range(2):
@@ -176,6 +179,48 @@ def test_two_process_ddp_run_of_the_cli(name, tmp_path, data_dirs):
     centers = [k for k in states[0] if k.endswith("center")]
     if name == "smit":
         assert centers and all(states[0][k].abs().sum() > 0 for k in centers), f"SMIT teacher centers never moved: {centers}"
+
+
+# ------------------------------------------------------------------- per-rank randomness, resume
+@pytest.mark.slow  # three 2-process runs; the default DDP runs above check the per-rank draws
+@pytest.mark.timeout(900)
+def test_ranks_draw_their_own_masks_and_a_killed_two_process_run_resumes_exactly(tmp_path, data_dirs):
+    """Per-rank generators (seed + rank): the numbers each rank's masks are drawn from differ across
+    ranks at every step, while the data stream stays that of (seed, epoch, rank). A 2-process run
+    stopped by SIGTERM mid-epoch and run again with the same command reproduces the uninterrupted
+    run's per-rank losses and random draws step for step (each rank restored its own generators)."""
+    def launch(runs: Path, probe: Path, attempt: int) -> dict[int, list[dict]]:
+        command = [
+            sys.executable, "-m", "lightning_mim", "fit", "--config", str(EXPERIMENTS["mae"]),
+            "--config", str(tiny_config("mae")), "--config", str(CONFIGS / "ddp_common.yaml"),
+            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            "--trainer.default_root_dir", str(runs), "--trainer.logger.init_args.save_dir", str(runs),
+            "--data.init_args.phantom_root", data_dirs["phantom_root"], "--data.init_args.cache_dir", data_dirs["cache_dir"],
+            "--trainer.callbacks+=tests.ddp_probe.Probe", "--trainer.callbacks.init_args.out_dir", str(probe),
+            "--trainer.callbacks.init_args.signal_file", str(tmp_path / "signal_step"),
+        ]
+        env = scrubbed_environment({"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                                    "PYTHONFAULTHANDLER": "1", "PROBE_ATTEMPT": str(attempt)})
+        done = run_process_group(command, env, timeout=420)
+        assert done.returncode == 0, f"CLI failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+        return {r: json.loads((probe / f"rank{r}-attempt{attempt}.json").read_text())["batches"] for r in (0, 1)}
+
+    whole = launch(tmp_path / "whole", tmp_path / "probe-whole", 0)
+    assert all(len(whole[r]) == EXPECTED_STEPS for r in (0, 1)), whole
+    for step in range(EXPECTED_STEPS):
+        assert whole[0][step]["rng_sample"] != whole[1][step]["rng_sample"], f"ranks drew the same numbers at step {step}"
+
+    (tmp_path / "signal_step").write_text("2")  # mid-epoch 1: both ranks stop after step index 2
+    first = launch(tmp_path / "split", tmp_path / "probe-split", 0)
+    (tmp_path / "signal_step").unlink()
+    second = launch(tmp_path / "split", tmp_path / "probe-split", 1)
+    for rank in (0, 1):
+        trained = [b for b in first[rank] if "loss" in b] + second[rank]
+        assert [b["step"] for b in trained] == list(range(EXPECTED_STEPS)), trained
+        for resumed, uninterrupted in zip(trained, whole[rank]):
+            assert resumed["case_ids"] == uninterrupted["case_ids"], (rank, resumed, uninterrupted)
+            assert resumed["rng_sample"] == uninterrupted["rng_sample"], (rank, resumed["step"])
+            assert resumed["loss"] == uninterrupted["loss"], (rank, resumed["step"], resumed["loss"], uninterrupted["loss"])
 
 
 # ---------------------------------------------------------------------------------------- presets

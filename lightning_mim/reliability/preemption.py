@@ -5,8 +5,9 @@ Under SLURM with auto-requeue, Lightning's own handler owns these signals (it wr
 callback stays out of the way. Everywhere else it installs handlers once training starts. A
 handler only records the signal (and forwards it to DDP workers Lightning launched); at the end
 of the current batch - of the current optimizer step under gradient accumulation - every rank
-agrees to stop, ``last.ckpt`` is written atomically, the W&B run is marked preempted and closed,
-and :class:`TrainingPreempted` ends ``fit``. The CLI turns it into exit code 0; the next run with
+agrees to stop and ``last.ckpt`` is written atomically. Right after Lightning has logged that
+step's metrics (at the next batch start, validation start or epoch end, before anything else
+runs), the W&B run is marked preempted and closed and :class:`TrainingPreempted` ends ``fit``. The CLI turns it into exit code 0; the next run with
 the same configuration resumes from that checkpoint and continues the same W&B run.
 
 Stopping by exception rather than ``trainer.should_stop`` is deliberate: ``should_stop`` lets the
@@ -45,6 +46,7 @@ class PreemptionCheckpoint(L.Callback):
             raise ValueError(f"unknown signal name(s) {unknown}")
         self.signals = names
         self.received: int | None = None
+        self._stopping: str | None = None
         self._previous: dict[int, Any] = {}
         self._trainer: L.Trainer | None = None
 
@@ -57,6 +59,7 @@ class PreemptionCheckpoint(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.received = None
+        self._stopping = None
         # The connector's environment, as Lightning's own signal set-up reads it (single-device
         # strategies have none of their own).
         environment = trainer._accelerator_connector.cluster_environment
@@ -94,7 +97,24 @@ class PreemptionCheckpoint(L.Callback):
             return  # in the middle of an accumulation cycle: stop after its optimizer step
         path = save_last_checkpoint(trainer)
         name = signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
+        self._stopping = (f"received {name}: saved {path} at global step {trainer.global_step} "
+                          f"(epoch {trainer.current_epoch}); run the same command again to resume")
+
+    def _stop(self, trainer: L.Trainer) -> None:
+        """Ends ``fit`` once the step saved in ``last.ckpt`` has had its metrics logged."""
+        if self._stopping is None:
+            return
+        message, self._stopping = self._stopping, None
         for logger in trainer.loggers:
             logger.finalize("finished")  # the W&B logger marks the run preempted and closes it
-        raise TrainingPreempted(f"received {name}: saved {path} at global step {trainer.global_step} "
-                                f"(epoch {trainer.current_epoch}); run the same command again to resume")
+        raise TrainingPreempted(message)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._stop(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._stop(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop(trainer)

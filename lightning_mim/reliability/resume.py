@@ -12,8 +12,14 @@ What makes a resumed run repeat the interrupted one step for step:
 
 Validation draws (e.g. MAE's masks on validation batches) come from a fixed seed instead of the
 training stream, so whether and when validation runs never shifts training, and validation losses
-are comparable across epochs. Under DDP every rank starts from the same seed and draws the same
-shapes, so rank 0's states (the ones in the checkpoint) are every rank's.
+are comparable across epochs.
+
+Under DDP the global generators are per rank, as in the MAE reference code: rank ``r`` reseeds
+them with ``seed + r`` when ``fit`` sets up (rank 0 keeps ``seed``, so a single-process run is
+unchanged), so masks and dropout on different ranks are independent draws; validation uses
+``validation_seed + r``. The data stream is seeded from ``(seed, epoch, rank)`` by the data
+module, independently of these. A checkpoint holds every rank's generator states (gathered to
+rank 0 when it is written) and each rank restores its own.
 
 Exact on CPU; on GPUs also set ``trainer.deterministic: true`` (cuDNN and atomics otherwise
 reorder floating-point sums), and ``benchmark: false``.
@@ -21,6 +27,7 @@ reorder floating-point sums), and ``benchmark: false``.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -28,7 +35,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+TESTED_LIGHTNING = ">=2.6,<2.7"  # keep equal to pyproject.toml's pin
 
 
 def capture_global_rng() -> dict[str, Any]:
@@ -103,12 +112,24 @@ class ResumeState(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything (the CLI's seed_everything)
+        if stage == "fit" and trainer.global_rank > 0 and seed is not None:
+            seed_global_rng(int(seed) + trainer.global_rank)
 
     def state_dict(self) -> dict[str, Any]:
+        """Every rank's generator states (``rng_per_rank``; ``rng`` is rank 0's) and the stream position.
+
+        Lightning builds the checkpoint on every rank (``Trainer.save_checkpoint`` is collective),
+        so the states are gathered here; rank 0 writes them.
+        """
         # During validation the live generators hold the validation stream; training's is stashed.
         rng = self._training_rng if self._training_rng is not None else capture_global_rng()
+        per_rank = [rng]
+        if self._trainer is not None and self._trainer.world_size > 1 and torch.distributed.is_initialized():
+            per_rank = [None] * self._trainer.world_size
+            torch.distributed.all_gather_object(per_rank, rng)
         loaders = _stateful_train_loaders(self._trainer) if self._trainer is not None else []
-        return {"rng": rng, "data": [loader.state_dict() for loader in loaders]}
+        return {"rng": per_rank[0], "rng_per_rank": per_rank, "data": [loader.state_dict() for loader in loaders]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict
@@ -122,18 +143,32 @@ class ResumeState(L.Callback):
         if positions and len(positions) == len(loaders):
             for loader, position in zip(loaders, positions):
                 loader.load_state_dict(position)
+            # Lightning has no public way to restart the fetcher: its private ``_data_fetcher`` is
+            # used, with lightning pinned to the tested range (pyproject.toml) and a test that fails
+            # if the attribute goes or changes meaning (tests/reliability/test_resume_edges.py).
             fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
-            if fetcher is not None:
-                iter(fetcher)  # restart the fetcher on the restored stream (drops its stale pre-fetched batch)
-        if pending.get("rng") is not None:
+            if fetcher is None:
+                raise RuntimeError(f"lightning {L.__version__}: the fit loop has no _data_fetcher to restart on the "
+                                   "restored training stream; lightning-mim's exact resume is tested with "
+                                   f"lightning {TESTED_LIGHTNING}")
+            iter(fetcher)  # restart the fetcher on the restored stream (drops its stale pre-fetched batch)
+        per_rank = pending.get("rng_per_rank")
+        saved_ranks = len(per_rank) if per_rank is not None else 1  # older checkpoints: rank 0's only
+        if per_rank is not None and saved_ranks == trainer.world_size:
+            restore_global_rng(per_rank[trainer.global_rank])
+        elif trainer.global_rank == 0 and pending.get("rng") is not None:
             restore_global_rng(pending["rng"])
+        if saved_ranks != trainer.world_size:
+            rank_zero_warn(f"the checkpoint holds the random generator states of {saved_ranks} rank(s), this "
+                           f"run has {trainer.world_size}: the other ranks keep their seed + rank generators, so "
+                           "the resumed run is not an exact continuation")
         rank_zero_info("restored the training-stream position and the random generator states of the checkpoint")
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         self._training_rng = capture_global_rng()
-        seed_global_rng(self.validation_seed)
+        seed_global_rng(self.validation_seed + trainer.global_rank)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._training_rng is not None:

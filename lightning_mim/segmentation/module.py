@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -102,6 +103,7 @@ class SegmentationModule(L.LightningModule):
         val_hd95: also compute HD95 at validation (slow); test always reports it when ``test_hd95``.
         test_hd95: HD95 at test.
         prediction_dir: where ``predict`` writes NIfTI label maps; default ``<run folder>/predictions``.
+        pretrained_from: provenance, set in checkpoints: the file the weights started from (not read).
 
     The ``sw_*``, ``*_hd95`` and ``prediction_dir`` settings are not stored in checkpoints, so
     ``test``/``predict --ckpt_path ...`` take them from the command line.
@@ -133,6 +135,7 @@ class SegmentationModule(L.LightningModule):
         val_hd95: bool = False,
         test_hd95: bool = True,
         prediction_dir: str | None = None,
+        pretrained_from: str | None = None,
     ) -> None:
         super().__init__()
         # Evaluation settings stay out of the checkpoint: LightningCLI re-applies a checkpoint's hyper-parameters
@@ -162,6 +165,12 @@ class SegmentationModule(L.LightningModule):
         if file is not None:
             self.load_report = load_pretrained(self.network, file, log=rank_zero_info)
         self.method_name = method_name or (file.method if file is not None else "scratch")
+        if file is not None:
+            # A checkpoint holds the pre-trained weights: it records the network the file decided on,
+            # so test/predict rebuild it without the file, which may since have moved or gone.
+            source = pretrained if isinstance(pretrained, (str, os.PathLike)) else file.source
+            self.hparams.update(pretrained=None, pretrained_from=str(source), network=self.network_name,
+                                network_kwargs=dict(kwargs), in_channels=self.in_channels, method_name=self.method_name)
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)
         self._results: list[dict[str, Any]] = []
 

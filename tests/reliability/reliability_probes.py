@@ -25,11 +25,20 @@ class LossRecorder(L.Callback):
 
     With ``hold_at_step`` it then writes ``<path>.hold`` and sleeps, so a test can kill the
     process at a known point: inside that step's ``on_train_batch_end``, before its checkpoint.
+    With ``pause_file`` (read at training start; holds a global step) it writes ``<path>.paused`` at
+    that step and waits until the preemption handler has received a signal, so a signal sent from
+    outside lands at a known step however slow the machine is.
     """
 
-    def __init__(self, path: str, hold_at_step: int | None = None) -> None:
+    def __init__(self, path: str, hold_at_step: int | None = None, pause_file: str | None = None) -> None:
         self.path = Path(path)
         self.hold_at_step = hold_at_step
+        self.pause_file = pause_file
+        self.pause_at_step: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        pause = Path(self.pause_file) if self.pause_file else None
+        self.pause_at_step = int(pause.read_text()) if pause is not None and pause.is_file() else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -41,17 +50,33 @@ class LossRecorder(L.Callback):
         if self.hold_at_step is not None and trainer.global_step == self.hold_at_step:
             Path(f"{self.path}.hold").write_text(str(trainer.global_step))
             time.sleep(300)
+        if self.pause_at_step is not None and trainer.global_step == self.pause_at_step:
+            # wait (signal handlers run between the sleeps) until the preemption handler got a signal
+            Path(f"{self.path}.paused").write_text(str(trainer.global_step))
+            deadline = time.monotonic() + 600  # a guard only: the test signals as soon as it sees the file
+            while time.monotonic() < deadline and not any(getattr(c, "received", None) for c in trainer.callbacks):
+                time.sleep(0.05)
 
 
 class SignalAtStep(L.Callback):
-    """Sends ``signal`` to this very process at the start of the batch of global step ``step``."""
+    """Sends ``signal`` to this very process at the start of the batch of global step ``step``.
 
-    def __init__(self, step: int, signal: str = "SIGUSR1") -> None:
+    With ``step_file`` instead, the step is read from that file when training starts (no file: no
+    signal), so attempts of one run can signal at different steps with the same configuration.
+    """
+
+    def __init__(self, step: int | None = None, signal: str = "SIGUSR1", step_file: str | None = None) -> None:
         self.step = step
+        self.step_file = step_file
         self.signal = getattr(signal_module, signal)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.step_file is not None:
+            path = Path(self.step_file)
+            self.step = int(path.read_text()) if path.is_file() else None
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if self.step is not None and trainer.global_step == self.step:
             os.kill(os.getpid(), self.signal)
 
 
@@ -90,6 +115,45 @@ class PoisonLoss(L.Callback):
             return out
 
         pl_module.shared_step = poisoned
+
+
+def wandb_records(run_folder: Path):
+    """The protobuf records of an offline W&B run's ``run-<id>.wandb`` transaction log.
+
+    The log is a sequence of 32 KiB blocks after a 7-byte header; each piece of a record has a
+    7-byte header (checksum, little-endian length, kind: 1 whole, 2 first, 3 middle, 4 last).
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = next(run_folder.glob("run-*.wandb")).read_bytes()
+    assert data[:4] == b":W&B", f"not a W&B transaction log: {run_folder}"
+    position, block, pending = 7, 32768, b""
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # no room left in the block for a piece header: padding
+            position += block - position % block
+            continue
+        length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def logged_steps(run_folder: Path, key: str) -> tuple[str | None, list[int]]:
+    """Run id of an offline W&B run folder and the ``trainer/global_step`` of each history row with ``key``."""
+    run_id, steps = None, []
+    for record in wandb_records(run_folder):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run_id = record.run.run_id
+        elif kind == "history":
+            items = {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
+            if key in items and "trainer/global_step" in items:
+                steps.append(int(json.loads(items["trainer/global_step"])))
+    return run_id, steps
 
 
 def read_losses(path: Path) -> dict[int, float]:
