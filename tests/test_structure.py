@@ -10,28 +10,52 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS_DOC = ROOT / "docs" / "methods.md"
+MORE_DOC = ROOT / "docs" / "methods-more.md"
 CITING_FOLDERS = ("lightning_mim", "data_modules", "experiments", "benchmarks", "tests")
 
 # "§6.2", "§6.2–6.4" (both ends must exist), "§2.2 item 4".
 SECTION = re.compile(r"§\s*(\d+(?:\.\d+)*)(?:\s*[–-]\s*(\d+(?:\.\d+)*))?")
 HEADING = re.compile(r"^#{2,4}\s+(\d+(?:\.\d+)*)\.?\s", re.MULTILINE)
+# The two method docs as files name them: "methods-more" / "methods-more.md" → docs/methods-more.md,
+# "methods.md" → docs/methods.md (the alternation tries the longer name first).
+DOC_NAME = re.compile(r"methods-more(?:\.md)?|methods\.md")
+DOCS = {"methods.md": METHODS_DOC, "methods-more": MORE_DOC}
 
 
-def doc_sections() -> set[str]:
-    return set(HEADING.findall(METHODS_DOC.read_text(encoding="utf-8")))
+def doc_key(name: str) -> str:
+    return "methods-more" if name.startswith("methods-more") else "methods.md"
 
 
-def cited_sections(text: str) -> list[str]:
-    """Every § reference of a file that cites methods.md (bare "§3.8" there means methods.md §3.8)."""
-    return [number for match in SECTION.finditer(text) for number in match.groups() if number]
+def doc_sections(doc: Path = METHODS_DOC) -> set[str]:
+    return set(HEADING.findall(doc.read_text(encoding="utf-8")))
+
+
+def cited_sections(text: str) -> dict[str, list[str]]:
+    """Every § reference of a file, attributed to a doc: ``{"methods.md": [...], "methods-more": [...]}``.
+
+    The rule: a § number refers to the doc named most recently before it in the same file
+    ("methods-more §2.7 item 4 … spec §2.8 … our UNet3D (methods.md §2.3)" gives methods-more 2.7, 2.8
+    and methods.md 2.3); a § before any doc name refers to the first doc the file names. A file that
+    names neither doc cites nothing.
+    """
+    names = [(match.start(), doc_key(match.group())) for match in DOC_NAME.finditer(text)]
+    cited: dict[str, list[str]] = {key: [] for key in DOCS}
+    if not names:
+        return cited
+    for match in SECTION.finditer(text):
+        preceding = [key for start, key in names if start < match.start()]
+        key = preceding[-1] if preceding else names[0][1]
+        cited[key].extend(number for number in match.groups() if number)
+    return cited
 
 
 def citing_files() -> list[Path]:
+    """Files of the citing folders that name methods.md or methods-more(.md)."""
     files = []
     for folder in CITING_FOLDERS:
         for path in sorted((ROOT / folder).rglob("*")):
             if path.suffix in {".py", ".yaml", ".yml", ".md"} and path.is_file():
-                if "methods.md" in path.read_text(encoding="utf-8", errors="replace"):
+                if DOC_NAME.search(path.read_text(encoding="utf-8", errors="replace")):
                     files.append(path)
     return files
 
@@ -42,21 +66,41 @@ def test_methods_doc_has_the_sections_code_relies_on():
     assert {"2", "3", "4", "5.1", "5.2", "6", "7.1", "7.2", "8.3", "9"} <= sections
 
 
-def test_every_methods_md_citation_resolves_to_a_heading():
-    sections = doc_sections()
+def test_methods_more_doc_has_the_sections_code_relies_on():
+    sections = doc_sections(MORE_DOC)
+    # One section per method (VoCo, Models Genesis, Volume Fusion, nnssl/SimCLR, DINOv2-3D, Swin UNETR SSL),
+    # each with its exact mechanism and its "our choices and their flags" subsection.
+    assert {"1", "1.4", "1.5", "1.11", "2", "2.4", "2.8", "3", "3.7", "4", "4.2", "5", "5.5", "5.6", "5.9",
+            "6", "6.4", "6.10"} <= sections
+
+
+def test_every_method_doc_citation_resolves_to_a_heading():
+    sections = {key: doc_sections(doc) for key, doc in DOCS.items()}
     files = citing_files()
-    assert len(files) >= 10, "the methods and recipes cite docs/methods.md; the scan found too few files"
+    cites_methods_md = [path for path in files if "methods.md" in path.read_text(encoding="utf-8")]
+    assert len(cites_methods_md) >= 10, "the methods and recipes cite docs/methods.md; the scan found too few files"
     unresolved = [
-        f"{path.relative_to(ROOT)}: §{number}"
+        f"{path.relative_to(ROOT)}: {key} §{number}"
         for path in files
-        for number in cited_sections(path.read_text(encoding="utf-8"))
-        if number not in sections
+        for key, numbers in cited_sections(path.read_text(encoding="utf-8")).items()
+        for number in numbers
+        if number not in sections[key]
     ]
-    assert not unresolved, "citations without a heading in docs/methods.md:\n" + "\n".join(unresolved)
+    assert not unresolved, "citations without a heading in docs/methods.md or docs/methods-more.md:\n" + "\n".join(
+        unresolved)
 
 
 def test_citation_parser_reads_ranges_and_lists():
-    assert cited_sections("methods.md §6.2–6.4 and §3.5 / §3.7, §2.2 item 4") == ["6.2", "6.4", "3.5", "3.7", "2.2"]
+    assert cited_sections("methods.md §6.2–6.4 and §3.5 / §3.7, §2.2 item 4")["methods.md"] == [
+        "6.2", "6.4", "3.5", "3.7", "2.2"]
+
+
+def test_citation_parser_attributes_each_section_to_the_doc_named_before_it():
+    text = ("# (intro §9) methods-more §2.7 item 4; spec §2.8 default\n"
+            "#   our UNet3D (methods.md §2.3), as in §3.5\n"
+            "#   VoCo losses (methods-more.md §1.4–1.5)")
+    assert cited_sections(text) == {"methods-more": ["9", "2.7", "2.8", "1.4", "1.5"], "methods.md": ["2.3", "3.5"]}
+    assert cited_sections("no doc named, §4.2") == {"methods.md": [], "methods-more": []}
 
 
 def test_nothing_points_outside_the_repository_for_docs():
