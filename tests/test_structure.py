@@ -129,7 +129,7 @@ def test_adding_a_method_example_is_true_code(tmp_path, monkeypatch):
 # data modules never know a method; the CLI layer → everything.
 
 BLOCKS = ("lightning_mim.backbones", "lightning_mim.masking", "lightning_mim.heads", "lightning_mim.losses",
-          "lightning_mim.teachers", "lightning_mim.schedules")
+          "lightning_mim.teachers", "lightning_mim.schedules", "lightning_mim.corruption")
 # What a method may import besides blocks: the shared method bases, never another method.
 METHOD_BASES = ("lightning_mim.methods.base", "lightning_mim.methods.guided_schedules")
 # Layers that may import anything (commands, callbacks, loggers, reliability glue).
