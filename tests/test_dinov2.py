@@ -122,3 +122,13 @@ def test_cli_fit(tmp_path, monkeypatch):
     # the tiny 2-block ViT cannot be held by UNETR: the run warns and writes no encoder (export tested above)
     assert_fit_outputs(trainer, tmp_path, ["loss", "dino", "ibot", "koleo", "teacher_momentum", "teacher_entropy"],
                        steps=2, exported=False)
+
+
+def test_targets_and_patch_centre_accept_a_rank_without_masked_tokens():
+    assert sinkhorn_knopp(torch.zeros(0, 4), 0.1).shape == (0, 4)
+    model = DINOv2(**TINY)
+    before = model.ibot_criterion.center.clone()
+    model.update_patch_center(torch.zeros(0, 64))
+    assert torch.equal(model.ibot_criterion.center, before)
+    model.update_patch_center(torch.ones(3, 64))
+    torch.testing.assert_close(model.ibot_criterion.center, torch.full((64,), 0.1))

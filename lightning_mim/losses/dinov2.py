@@ -19,15 +19,29 @@ def _all_reduce_sum(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def all_reduced_mean_rows(rows: Tensor) -> Tensor | None:
+    """Mean of ``N, K`` rows over every rank's rows (ranks may hold none); None when no rank holds any."""
+    total = rows.detach().float().sum(dim=0)
+    count = torch.tensor(float(rows.shape[0]), device=rows.device)
+    _all_reduce_sum(total)
+    _all_reduce_sum(count)
+    return total / count if count > 0 else None
+
+
+@torch.no_grad()
 def sinkhorn_knopp(teacher_logits: Tensor, temperature: float, iterations: int = 3) -> Tensor:
     """Teacher targets ``N, K`` (one distribution per row) balanced over the prototypes (SwAV / DINOv2).
 
     ``Q = exp(t/τ)ᵀ`` normalised to sum 1; then ``iterations`` times: rows (prototypes) to ``1/K`` each,
     columns (samples) to ``1/N_tot`` each; finally ×``N_tot``. Sums and ``N_tot`` are all-reduced
-    across ranks. Computed in float32; no state (no centre).
+    across ranks, so every rank must call it, even with no rows (a rank without masked tokens).
+    Computed in float32; no state (no centre).
     """
     logits = teacher_logits.detach().float()
-    q = torch.exp((logits - logits.max()) / temperature).t()  # K × N (the global shift cancels out)
+    shift = logits.max() if logits.numel() else torch.tensor(float("-inf"), device=logits.device)
+    if _distributed():  # one shift for every rank, so their columns share a scale
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    q = torch.exp((logits - shift) / temperature).t()  # K × N (the common shift cancels out)
     k = q.shape[0]
     total = _all_reduce_sum(torch.tensor(float(q.shape[1]), device=q.device))
     q /= _all_reduce_sum(q.sum())

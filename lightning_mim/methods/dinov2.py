@@ -12,7 +12,7 @@ from lightning_mim.backbones.masked_vit import MaskedViT3D
 from lightning_mim.backbones.vit import unetr_encoder_export
 from lightning_mim.corruption.multicrop import random_resized_crops
 from lightning_mim.heads.dino import DINOHead
-from lightning_mim.losses.dinov2 import ibot_patch_loss, koleo_loss, sinkhorn_knopp
+from lightning_mim.losses.dinov2 import all_reduced_mean_rows, ibot_patch_loss, koleo_loss, sinkhorn_knopp
 from lightning_mim.losses.distillation import DistillationCE, collapse_monitors
 from lightning_mim.masking.block import dinov2_masks
 from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput
@@ -194,18 +194,15 @@ class DINOv2(MIMModule):
         pairs = [(t, s) for t in range(2) for s in range(2 + hp.num_local_crops) if s != t]
         dino = torch.stack([self.dino_criterion(student_logits[s], teacher_probs[t]).mean() for t, s in pairs]).mean()
 
-        if masks.any():
-            masked_teacher = teacher_patch[masks]
-            patch_probs = torch.zeros_like(teacher_patch, dtype=torch.float32)
-            patch_probs[masks] = self.targets(self.ibot_criterion, masked_teacher, temperature)
-            ibot = ibot_patch_loss(student_patch, patch_probs, masks, hp.student_temp)
-        else:
-            ibot = student_patch.sum() * 0.0
+        # Every rank runs the collectives below, also with no masked token of its own (masks are per rank).
+        masked_teacher = teacher_patch[masks]
+        patch_probs = torch.zeros_like(teacher_patch, dtype=torch.float32)
+        patch_probs[masks] = self.targets(self.ibot_criterion, masked_teacher, temperature)
+        ibot = ibot_patch_loss(student_patch, patch_probs, masks, hp.student_temp)
         koleo = self.koleo(student_cls_feature)
         if self.training and hp.centering == "centering":
             self.dino_criterion.update_center(teacher_cls)
-            if masks.any():
-                self.ibot_criterion.update_center(teacher_patch[masks])
+            self.update_patch_center(masked_teacher)
         total = hp.dino_weight * dino + hp.ibot_weight * ibot + hp.koleo_weight * koleo
         monitors = collapse_monitors(teacher_probs)
         scalars = {"teacher_temp": temperature, "teacher_entropy": monitors["entropy"],
@@ -215,6 +212,14 @@ class DINOv2(MIMModule):
         visuals = self._visuals(global_views, local_views, masks, b) if self.capture_visuals else {}
         return StepOutput(losses={"loss": total, "dino": dino.detach(), "ibot": ibot.detach(), "koleo": koleo.detach()},
                           visuals=visuals, scalars=scalars)
+
+    @torch.no_grad()
+    def update_patch_center(self, masked_teacher: Tensor) -> None:
+        """iBOT centre ← EMA of the mean masked teacher token over all ranks (unchanged if none is masked)."""
+        mean = all_reduced_mean_rows(masked_teacher)
+        if mean is not None:
+            m = self.ibot_criterion.center_momentum
+            self.ibot_criterion.center.mul_(m).add_(mean, alpha=1.0 - m)
 
     def koleo(self, cls_features: Tensor) -> Tensor:
         """KoLeo summed over the two global views; a validation batch of one has no neighbour and gives 0."""
