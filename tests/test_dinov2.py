@@ -2,11 +2,11 @@
 
 import math
 
-import data_modules  # noqa: F401  (import before the CLI changes directory)
 import pytest
 import torch
 from monai.networks.nets import UNETR
 
+import data_modules  # noqa: F401  (import before the CLI changes directory)
 from lightning_mim.backbones.masked_vit import MaskedViT3D
 from lightning_mim.losses.dinov2 import ibot_patch_loss, koleo_loss, sinkhorn_knopp
 from lightning_mim.masking.block import block_mask, dinov2_masks

@@ -1,9 +1,9 @@
 """Models Genesis: corruptions on hand-computed cases, loss wiring, [0, 1] check, export, bf16, CLI fit."""
 
-import data_modules  # noqa: F401  (import before the CLI changes directory)
 import pytest
 import torch
 
+import data_modules  # noqa: F401  (import before the CLI changes directory)
 from lightning_mim.backbones.unet import UNet3D
 from lightning_mim.corruption.genesis import (
     GenesisConfig,

@@ -1,10 +1,10 @@
 """SimCLR-3D: projector norms, loss wiring, gradient flow, export into each target, bf16, CLI fit."""
 
-import data_modules  # noqa: F401  (import before the CLI changes directory)
 import pytest
 import torch
 from monai.networks.nets import SwinUNETR
 
+import data_modules  # noqa: F401  (import before the CLI changes directory)
 from lightning_mim.backbones.unet import UNet3D
 from lightning_mim.heads.projector import MLPProjector, pooled_pyramid
 from lightning_mim.losses.contrastive import nt_xent

@@ -1,11 +1,11 @@
 """Swin UNETR SSL: rotation labels, cutout, head shapes, loss wiring, strict swinViT export, bf16, CLI fit."""
 
-import data_modules  # noqa: F401  (import before the CLI changes directory)
 import pytest
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
 
+import data_modules  # noqa: F401  (import before the CLI changes directory)
 from lightning_mim.corruption.swin_ssl import cutout, drop_boxes, rotate90
 from lightning_mim.heads.upsample import VAEUpsampleHead
 from lightning_mim.losses.contrastive import nt_xent
@@ -48,7 +48,7 @@ def test_cutout_pastes_from_another_crop_only():
     with pytest.raises(ValueError, match="at least 2 crops"):
         cutout(images[:1], g)
     single, masks = cutout(images[:1], g, allow_no_partner=True)
-    assert torch.all((single[masks] <= 1))
+    assert torch.all(single[masks] <= 1)
 
 
 def test_vae_head_upsamples_by_the_stride():

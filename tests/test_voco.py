@@ -2,11 +2,11 @@
 
 import math
 
-import data_modules  # noqa: F401  (import before the CLI changes directory)
 import pytest
 import torch
 from monai.networks.nets import SwinUNETR
 
+import data_modules  # noqa: F401  (import before the CLI changes directory)
 from lightning_mim.losses.voco import (
     base_crop_starts,
     online_assign,

@@ -1,10 +1,10 @@
 """Volume Fusion: label generators, a fused map by hand, loss wiring, export, bf16, CLI fit."""
 
-import data_modules  # noqa: F401  (import before the CLI changes directory)
 import pytest
 import torch
 from monai.losses import DiceCELoss
 
+import data_modules  # noqa: F401  (import before the CLI changes directory)
 from lightning_mim.backbones.unet import UNet3D
 from lightning_mim.corruption.fusion import fuse, grid_block_labels, random_box_labels
 from lightning_mim.methods.volume_fusion import VolumeFusion

@@ -18,7 +18,7 @@ from torch import Tensor
 GENESIS_CUBE_VOXELS = 64 * 64 * 32
 
 
-def _uniform(generator: torch.Generator | None, device=None) -> float:
+def _uniform(generator: torch.Generator | None) -> float:
     return float(torch.rand((), generator=generator))
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -40,7 +38,3 @@ def random_resized_crops(images: Tensor, count: int, size: int, volume_scale: tu
             views.append(crop.to(images.dtype))
     return torch.stack(views)
 
-
-def split_views(x: Tensor, views: int) -> Sequence[Tensor]:
-    """``V·B, …`` (view-major) → ``V`` tensors of ``B, …``."""
-    return x.chunk(views, dim=0)

@@ -18,6 +18,15 @@ def _all_reduce_sum(x: Tensor) -> Tensor:
     return x
 
 
+def gather_rows(x: Tensor) -> Tensor:
+    """Rows of every rank concatenated (gradients flow to this rank's rows); ``x`` outside DDP."""
+    if not _distributed():
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
 @torch.no_grad()
 def all_reduced_mean_rows(rows: Tensor) -> Tensor | None:
     """Mean of ``N, K`` rows over every rank's rows (ranks may hold none); None when no rank holds any."""

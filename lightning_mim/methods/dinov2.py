@@ -5,14 +5,19 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_mim.backbones.masked_vit import MaskedViT3D
 from lightning_mim.backbones.vit import unetr_encoder_export
 from lightning_mim.corruption.multicrop import random_resized_crops
 from lightning_mim.heads.dino import DINOHead
-from lightning_mim.losses.dinov2 import all_reduced_mean_rows, ibot_patch_loss, koleo_loss, sinkhorn_knopp
+from lightning_mim.losses.dinov2 import (
+    all_reduced_mean_rows,
+    gather_rows,
+    ibot_patch_loss,
+    koleo_loss,
+    sinkhorn_knopp,
+)
 from lightning_mim.losses.distillation import DistillationCE, collapse_monitors
 from lightning_mim.masking.block import dinov2_masks
 from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput
@@ -36,15 +41,6 @@ class DINOv2Network(nn.Module):
         tokens = self.backbone(images, token_mask)
         cls = tokens[:, 0]
         return cls, self.dino_head(cls), self.ibot_head(tokens[:, 1:]) if patches else None
-
-
-def _gather(x: Tensor) -> Tensor:
-    """Rows of every rank (gradients flow to this rank's rows)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
 
 
 class DINOv2(MIMModule):
@@ -223,7 +219,7 @@ class DINOv2(MIMModule):
 
     def koleo(self, cls_features: Tensor) -> Tensor:
         """KoLeo summed over the two global views; a validation batch of one has no neighbour and gives 0."""
-        views = [_gather(view) if self.hparams.koleo_gather else view for view in cls_features.chunk(2)]
+        views = [gather_rows(view) if self.hparams.koleo_gather else view for view in cls_features.chunk(2)]
         if views[0].shape[0] < 2:
             if self.training:
                 raise ValueError("KoLeo needs at least 2 images per global view: use batch_size ≥ 2")
