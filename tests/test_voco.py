@@ -112,3 +112,16 @@ def test_bf16_autocast_step():
 def test_cli_fit(tmp_path, monkeypatch):
     trainer = cli_fit(tmp_path, monkeypatch, "voco.yaml", "voco_tiny.yaml")
     assert_fit_outputs(trainer, tmp_path, ["loss", "position", "negative", "regularization", "inter_volume"], steps=2)
+
+
+def test_fine_tuning_loader_takes_the_pretrained_encoder_blocks():
+    from lightning_mim.segmentation.networks import build_network
+    from lightning_mim.segmentation.weights import export_module, load_pretrained
+
+    model = VoCo(**{**TINY, "feature_size": 12})
+    file = export_module(model)
+    kwargs = {k: v for k, v in file.network_kwargs.items() if k != "in_channels"}
+    network = build_network("swin_unetr", 1, 3, 64, **kwargs)
+    report = load_pretrained(network, file, log=None)
+    assert "encoder10.layer.conv1.conv.weight" in report.loaded and not report.unexpected
+    assert torch.equal(network.encoder1.layer.conv1.conv.weight, model.backbone.encoder1.layer.conv1.conv.weight)

@@ -89,3 +89,16 @@ def test_bf16_autocast_step():
 def test_cli_fit(tmp_path, monkeypatch):
     trainer = cli_fit(tmp_path, monkeypatch, "volume_fusion.yaml", "volume_fusion_tiny.yaml")
     assert_fit_outputs(trainer, tmp_path, ["loss", "dice_ce", "voxel_accuracy"], steps=2)
+
+
+def test_fine_tuning_loader_takes_encoder_and_decoder():
+    from lightning_mim.segmentation.networks import build_network
+    from lightning_mim.segmentation.weights import export_module, load_pretrained
+
+    model = VolumeFusion(**TINY)
+    file = export_module(model)
+    kwargs = {k: v for k, v in file.network_kwargs.items() if k != "in_channels"}
+    network = build_network("hybridmim_unet", 1, 14, (32, 32, 16), **kwargs)
+    report = load_pretrained(network, file, log=None)
+    assert any(k.startswith("decoder.") for k in report.loaded) and not report.unexpected
+    assert report.from_scratch == ["decoder.out.conv.conv.bias", "decoder.out.conv.conv.weight"]
