@@ -85,6 +85,24 @@ METHODS: list[MethodSpec] = [
     MethodSpec("HybridMIM (UNet)", "lightning_mim.methods.hybridmim.HybridMIM",
                dict(backbone="unet", unet_channels=[8, 8, 16, 32, 64]), "small: DeepUNet channels 8…64 (recipe 64…512)",
                "hybrid", quick=dict(unet_channels=[4, 4, 8, 8, 16])),
+    MethodSpec("SimCLR-3D", "lightning_mim.methods.simclr.SimCLR3D", dict(unet_channels=[8, 16, 32, 64, 80]),
+               "small: UNet encoder 8…80 (recipe 32…320), projector 2048³ as recipe", "simclr", views=True,
+               quick=dict(unet_channels=[4, 8, 8, 16, 16], projector_hidden_dim=32, projector_dim=16)),
+    MethodSpec("Models Genesis", "lightning_mim.methods.models_genesis.ModelsGenesis",
+               dict(unet_channels=[16, 32, 64, 128], shuffle_blocks=10_000),
+               "small: UNet 16…128 (recipe 64…512); 10,000 shuffle blocks per 64×64×32 voxels", "genesis",
+               quick=dict(unet_channels=[4, 8, 8, 16], shuffle_blocks=500)),
+    MethodSpec("Volume Fusion", "lightning_mim.methods.volume_fusion.VolumeFusion",
+               dict(unet_channels=[8, 16, 32, 64, 128]), "small: UNet 8…128 (recipe 32…512)", "fusion",
+               quick=dict(unet_channels=[4, 8, 8, 16, 16])),
+    MethodSpec("Swin UNETR SSL", "lightning_mim.methods.swinunetr_ssl.SwinUNETRSSL", dict(**_SWIN_SMALL),
+               "small: Swin F 12, 1 block/stage (recipe F 48, 2-2-2-2)", "swin_ssl"),
+    MethodSpec("DINOv2-3D", "lightning_mim.methods.dinov2.DINOv2",
+               dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, out_dim=16384, local_size=32,
+                    num_local_crops=8, drop_path_rate=0.0),
+               "recipe ViT-B/16 with 16,384 prototypes (recipe 65,536), 8 local crops of 32³ (recipe 48³), no drop-path",
+               "dinov2", quick=dict(embed_dim=48, depth=1, num_heads=2, out_dim=64, head_hidden_dim=32,
+                                    head_bottleneck_dim=16, num_local_crops=2, local_size=16)),
 ]
 
 #: MAE-3D at the dimensions of the MONAI comparison (hidden 384, 6 layers, 6 heads; decoder 192 / 2 layers).
@@ -105,7 +123,7 @@ def spec_named(name: str) -> MethodSpec:
 def stub_trainer() -> SimpleNamespace:
     """What the modules read from a Trainer during a step (schedules, teacher momentum)."""
     return SimpleNamespace(estimated_stepping_batches=10_000, max_epochs=100, num_training_batches=100,
-                           global_step=0, current_epoch=0, datamodule=None)
+                           global_step=0, global_rank=0, current_epoch=0, datamodule=None)
 
 
 def build_method(spec: MethodSpec, roi: int | tuple[int, int, int], **overrides: Any):
@@ -238,7 +256,57 @@ def _bare_hybrid(module, batch):
     return loss, extra
 
 
+def _bare_simclr(module, batch):
+    views = batch["views"]
+    both = torch.cat([views[:, 0], views[:, 1]])
+    return (lambda: module.embed(both).square().mean()), None
+
+
+def _bare_genesis(module, batch):
+    images = batch["image"]
+    return (lambda: F.mse_loss(module.restore(images), images)), None
+
+
+def _bare_fusion(module, batch):
+    images = batch["image"]
+    labels = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.long)
+    return (lambda: F.cross_entropy(module.network(images), labels)), None
+
+
+def _bare_swin_ssl(module, batch):
+    both = torch.cat([batch["image"], batch["image"]])  # the two rotated copies of each crop
+
+    def loss() -> Tensor:
+        rotation, embedding, reconstruction = module.heads(both)
+        return rotation.mean() + embedding.mean() + (reconstruction - both).abs().mean()
+
+    return loss, None
+
+
+def _bare_dinov2(module, batch):
+    images = batch["image"]
+    hp = module.hparams
+    globals_ = torch.cat([images, images])
+    local = F.interpolate(images, size=(hp.local_size,) * 3, mode="trilinear").repeat(hp.num_local_crops, 1, 1, 1, 1)
+
+    def loss() -> Tensor:
+        _, cls_logits, patch_logits = module.student(globals_)
+        local_logits = module.student(local, patches=False)[1]
+        return cls_logits.mean() + patch_logits.mean() + local_logits.mean()
+
+    @torch.no_grad()
+    def extra() -> None:
+        module.teacher(globals_)
+
+    return loss, extra
+
+
 BARE_STEPS: dict[str, Callable] = {
+    "simclr": _bare_simclr,
+    "genesis": _bare_genesis,
+    "fusion": _bare_fusion,
+    "swin_ssl": _bare_swin_ssl,
+    "dinov2": _bare_dinov2,
     "vit_mae": lambda module, batch: _bare_vit(module, batch, predictor=False),
     "vit_hpm": lambda module, batch: _bare_vit(module, batch, predictor=True),
     "swin_simmim": _bare_simmim,

@@ -32,9 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "tests" / "configs"
 
 # Methods whose DDP run is part of the default suite: those with cross-rank reductions (SMIT
-# all-reduces its teacher centers, HybridMIM all-gathers contrastive negatives). Every other method
+# all-reduces its teacher centers, HybridMIM, SimCLR-3D and DINOv2-3D all-gather negatives / KoLeo
+# neighbours, DINOv2 all-reduces its centres). VoCo and Swin UNETR SSL gather too but need 64³ Swin
+# crops, too slow for the default suite on CPU. Every other method
 # runs under -m slow; the plain case, MAE, also runs 2-rank DDP through srun in tests/test_slurm.py.
-DEFAULT_DDP_METHODS = ("smit", "hybridmim_unet")
+DEFAULT_DDP_METHODS = ("smit", "hybridmim_unet", "simclr", "dinov2")
 # Cross-rank options the recipes leave off (HybridMIM's official code uses per-GPU negatives).
 DDP_OPTIONS = {name: ["--model.init_args.gather_negatives=true"] for name in ("hybridmim_swin", "hybridmim_unet")}
 # ddp_common.yaml: 4 training subjects, 2 per rank, 2 patches each, batch 2 -> 2 steps per epoch, 2 epochs.
