@@ -21,8 +21,17 @@ from typing import Any
 import torch
 
 from benchmarks.common import interleaved_timings, run_isolated, table
-from benchmarks.methods import MethodSpec, available_methods, build_method, method_overrides, method_step, \
-    profile_method, saved_tensor_bytes, spec_named, stub_trainer
+from benchmarks.methods import (
+    MethodSpec,
+    available_methods,
+    build_method,
+    method_overrides,
+    method_step,
+    profile_method,
+    saved_tensor_bytes,
+    spec_named,
+    stub_trainer,
+)
 
 
 @dataclass(frozen=True)

@@ -42,14 +42,21 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, Dataset
 
-from .cache import STORAGE_FORMATS, CachedVolume, CacheStorage, MemoryMappedUniformSampler, decode_voxels, \
-    read_cached_array, volume_subject
-from .phantoms import ensure_phantom_cohort
-from .presets import Preprocessing, resolve_preprocessing
+from .cache import (
+    STORAGE_FORMATS,
+    CachedVolume,
+    CacheStorage,
+    MemoryMappedUniformSampler,
+    decode_voxels,
+    read_cached_array,
+    volume_subject,
+)
 from .patch_queue import PatchQueueDataModule
+from .phantoms import ensure_phantom_cohort
+from .prepare import prepare_and_select
+from .presets import Preprocessing, resolve_preprocessing
 from .resumable import ResumableLoader
 from .sources import Case, cases_from_csv, cases_from_datalist, cases_from_folder, combine_cases, split_by_subject
-from .prepare import prepare_and_select
 from .validation import ON_BAD_CASE_CHOICES, OnBadCase, ValidationLimits, ValidationSettings
 from .views import PatchAugmentation, ViewSampler, as_triple, build_view_sampler
 

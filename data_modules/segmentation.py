@@ -45,10 +45,10 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, Dataset
 
 from .cache import CachedVolume, read_cached_array, volume_subject
+from .patch_queue import PatchQueueDataModule
 from .phantoms import ensure_phantom_cohort
 from .prepare import prepare_and_select
 from .presets import Preprocessing, resolve_preprocessing
-from .patch_queue import PatchQueueDataModule
 from .resumable import ResumableLoader
 from .sources import (
     IMAGE_SUFFIXES,

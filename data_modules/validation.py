@@ -247,7 +247,7 @@ def _file_type_problem(path: Path) -> str | None:
 def _header_problems(header: Header, settings: ValidationSettings) -> list[str]:
     """Dimensionality, spacing and size problems visible in the header alone."""
     limits = settings.limits
-    size, spacing = header.size, header.spacing
+    size = header.size
     if len(size) < 3 or min(size[:3]) < 2:
         return [f"image is 2D (size {_format(size)}); 3D volumes are required"]
     volumes = (int(np.prod(size[3:])) if len(size) > 3 else 1) * header.components

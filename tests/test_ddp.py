@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from slurm_cluster import scrubbed_environment
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from lightning_mim.masking.grid import flatten_mask, grid_shape, patchify, unflatten_mask, unpatchify, upsample_mask, voxel_mask
+from lightning_mim.masking.grid import (
+    flatten_mask,
+    grid_shape,
+    patchify,
+    unflatten_mask,
+    unpatchify,
+    upsample_mask,
+    voxel_mask,
+)
 
 
 def test_unpatchify_inverts_patchify():

@@ -2,13 +2,13 @@
 
 import math
 
-import data_modules  # noqa: F401  (imported before the CLI changes directory to the config's folder)
 import lightning as L
 import pytest
 import torch
 import wandb
 from monai.networks.nets import SwinUNETR
 
+import data_modules  # noqa: F401  (imported before the CLI changes directory to the config's folder)
 from lightning_mim.backbones.unet import UNet3D
 from lightning_mim.cli import main
 from lightning_mim.methods.hybridmim import HybridMIM

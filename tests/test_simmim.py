@@ -3,11 +3,11 @@
 import math
 from pathlib import Path
 
-import data_modules  # noqa: F401  (import the package before the CLI changes directory to the config's)
 import pytest
 import torch
 from monai.networks.nets import SwinUNETR
 
+import data_modules  # noqa: F401  (import the package before the CLI changes directory to the config's)
 import lightning_mim.methods.simmim as simmim_module
 from lightning_mim import cli
 from lightning_mim.losses.reconstruction import masked_voxel_l1

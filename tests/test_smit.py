@@ -3,13 +3,13 @@
 import math
 from pathlib import Path
 
-import data_modules  # noqa: F401  (import the package before the CLI changes directory to the config's)
 import lightning as L
 import pytest
 import torch
 from monai.networks.nets import SwinUNETR
 from torch.utils.data import DataLoader, Dataset
 
+import data_modules  # noqa: F401  (import the package before the CLI changes directory to the config's)
 import lightning_mim.methods.smit as smit_module
 from lightning_mim import cli
 from lightning_mim.losses.distillation import cross_view_distillation, masked_token_distillation

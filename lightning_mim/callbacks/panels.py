@@ -6,7 +6,6 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
 from matplotlib import colormaps
 from torch import Tensor
 

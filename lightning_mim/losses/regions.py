@@ -6,7 +6,6 @@ and compute in float32.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

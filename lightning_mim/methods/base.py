@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from lightning_mim.backbones.unet import UNet3D
 from lightning_mim.schedules import warmup_cosine
 
 NO_DECAY_KEYWORDS = ("pos_embed", "position_embeddings", "cls_token", "mask_token", "relative_position_bias_table")
@@ -42,6 +43,14 @@ class EncoderExport:
     state_dict: dict[str, Tensor]
     network_kwargs: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def unet_export(network: UNet3D, method: str, metadata: dict[str, Any], dropout: float) -> EncoderExport:
+    """Encoder **and** decoder of a :class:`UNet3D` without its output layer (the class count differs)."""
+    state = {k: v.detach().clone() for k, v in network.state_dict().items() if not k.startswith("decoder.out.")}
+    kwargs = {"in_channels": network.encoder.stem.conv_0.conv.in_channels, "channels": list(network.encoder.channels),
+              "strides": list(network.encoder.strides), "dropout": dropout}
+    return EncoderExport("hybridmim_unet", state, kwargs, {"method": method, **metadata})
 
 
 class MIMModule(L.LightningModule):

@@ -33,7 +33,14 @@ from torch import Tensor, nn
 from lightning_mim.backbones.swin import MaskedSwinEncoder, SwinConfigName
 from lightning_mim.backbones.unet import UNet3D
 from lightning_mim.backbones.vit import as_triple
-from lightning_mim.heads.partial_decoder import SubBox, SwinUNETRDecoder, crop_to_box, default_box_size, fixed_box, random_box
+from lightning_mim.heads.partial_decoder import (
+    SubBox,
+    SwinUNETRDecoder,
+    crop_to_box,
+    default_box_size,
+    fixed_box,
+    random_box,
+)
 from lightning_mim.losses.contrastive import nt_xent
 from lightning_mim.losses.regions import (
     consistency_loss,

@@ -11,19 +11,11 @@ from torch import Tensor
 
 from lightning_mim.backbones.unet import UNet3D
 from lightning_mim.corruption.genesis import GenesisConfig, genesis_corrupt
-from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput
+from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput, unet_export
 
 IntensityMapping = Literal["unit", "percentile"]
 #: Tolerance on the [0, 1] check of ``intensity_mapping: unit`` (interpolation / augmentation round-off).
 UNIT_TOLERANCE = 1e-3
-
-
-def unet_export(network: UNet3D, method: str, metadata: dict[str, Any], dropout: float) -> EncoderExport:
-    """Encoder **and** decoder of a :class:`UNet3D` without its output layer (the class count differs)."""
-    state = {k: v.detach().clone() for k, v in network.state_dict().items() if not k.startswith("decoder.out.")}
-    kwargs = {"in_channels": network.encoder.stem.conv_0.conv.in_channels, "channels": list(network.encoder.channels),
-              "strides": list(network.encoder.strides), "dropout": dropout}
-    return EncoderExport("hybridmim_unet", state, kwargs, {"method": method, **metadata})
 
 
 def to_unit_range(images: Tensor, low_q: float = 0.005, high_q: float = 0.995) -> tuple[Tensor, Tensor, Tensor]:

@@ -11,8 +11,7 @@ from torch import Tensor
 
 from lightning_mim.backbones.unet import UNet3D
 from lightning_mim.corruption.fusion import fuse, grid_block_labels, random_box_labels
-from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput
-from lightning_mim.methods.models_genesis import unet_export
+from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput, unet_export
 
 FusionMode = Literal["cross_volume_boxes", "grid_same_volume"]
 

@@ -14,7 +14,8 @@ SHAPE, SPACING = (48, 48, 24), (0.9, 0.9, 2.5)
 
 def _arrays(datalist, index=0):
     entry = json.loads(datalist.read_text())["training"][index]
-    load = lambda key: np.asanyarray(nib.load(datalist.parent / entry[key]).dataobj)
+    def load(key):
+        return np.asanyarray(nib.load(datalist.parent / entry[key]).dataobj)
     return load("image"), load("label")
 
 

@@ -42,7 +42,8 @@ def test_two_overlapping_views_are_crops_of_the_context_patch_that_overlap():
 
 def test_views_are_reproducible_from_the_generator_seed():
     patch, sampler = _numbered_patch(), OverlappingViews((8, 6, 4), num_views=3)
-    draw = lambda seed: [_offset(v) for v in sampler(patch, torch.Generator().manual_seed(seed))]
+    def draw(seed):
+        return [_offset(v) for v in sampler(patch, torch.Generator().manual_seed(seed))]
     assert draw(3) == draw(3) and draw(3) != draw(4)
     assert [v.shape for v in sampler(patch, torch.Generator())] == [(1, 8, 6, 4)] * 3
 
