@@ -207,7 +207,7 @@ class SegmentationModule(L.LightningModule):
         if self.pretrained_meta is None or not callable(describe):
             return
         for note in preprocessing_differences(self.pretrained_meta, describe()):
-            rank_zero_warn(f"{self.hparams.pretrained}: {note}")
+            rank_zero_warn(f"{self.hparams.pretrained_from}: {note}")
 
     def on_train_epoch_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
