@@ -107,7 +107,9 @@ def test_export_into_unetr_strictly_and_a_clear_error_when_unetr_cannot_hold_it(
         DINOv2(**TINY).export_encoder()
     model = DINOv2(**{**TINY, "patch_size": 16, "depth": 12, "local_size": 16})
     export = model.export_encoder()
-    net = UNETR(out_channels=2, **export.network_kwargs)
+    kwargs = dict(export.network_kwargs)
+    assert kwargs.pop("num_layers") == 12  # 12 blocks: MONAI's own UNETR takes it
+    net = UNETR(out_channels=2, **kwargs)
     net.vit.load_state_dict({k.removeprefix("vit."): v for k, v in export.state_dict.items()}, strict=True)
     assert not any("mask_token" in k for k in export.state_dict)
 

@@ -40,8 +40,8 @@ def tiny_method(recipe: str, tiny: str):
     model = yaml.safe_load((ROOT / "experiments" / f"{recipe}.yaml").read_text())["model"]
     overrides = (yaml.safe_load((ROOT / "tests" / "configs" / f"{tiny}.yaml").read_text()).get("model") or {})
     args = {**model["init_args"], **overrides.get("init_args", {})}
-    if "depth" in args:  # ViT methods: the probe reads the UNETR export, which needs 12 blocks of 16³ patches
-        args.update(depth=12, patch_size=16)
+    if "depth" in args:  # ViT methods: the probe reads the UNETR-style export, which needs 16³ token patches
+        args.update(patch_size=16)
     module_name, _, class_name = model["class_path"].rpartition(".")
     torch.manual_seed(0)
     return getattr(importlib.import_module(module_name), class_name)(**args)
@@ -128,9 +128,11 @@ def test_every_method_encoder_is_probed_through_its_export(recipe, tiny):
 def test_a_method_that_cannot_export_fails_before_training():
     from lightning_mim.methods.mae import MAE3D
 
-    shallow = MAE3D(img_size=32, embed_dim=48, depth=2, num_heads=4, decoder_dim=24, decoder_depth=1, decoder_heads=2)
-    with pytest.raises(ValueError, match="MAE3D cannot be probed.*depth 2"):
-        SegmentationProbe(**FAST).setup_probe(no_trainer(), shallow)
+    # UNETR-style networks take ViTs of any depth but only 16³ token patches
+    fine_patches = MAE3D(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, decoder_dim=24,
+                         decoder_depth=1, decoder_heads=2)
+    with pytest.raises(ValueError, match="MAE3D cannot be probed.*patch size 8"):
+        SegmentationProbe(**FAST).setup_probe(no_trainer(), fine_patches)
 
 
 def test_bad_settings_are_refused_with_the_argument_named():

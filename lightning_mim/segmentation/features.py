@@ -7,7 +7,7 @@ of the network that fine-tuning starts from:
 ============== ==================================================================================
 target         feature maps (``B × C × d × h × w``, finest first)
 ============== ==================================================================================
-unetr          ViT tokens after blocks 3, 6 and 9 and the final normed tokens (UNETR's skips),
+unetr          ViT tokens after the skip blocks (3, 6, 9 of 12; see ``networks.skip_blocks``) and the final normed tokens,
                each on the token grid (stride 16)
 swin_unetr     the five ``swinViT`` stages (strides 2 … 32), normalised as the network does
 stunet_encoder every encoder stage (strides 1 … 16)
@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_mim.segmentation.networks import skip_blocks
+
 #: ViT blocks whose outputs UNETR's decoder takes as skips (1-based, as MONAI indexes them).
-UNETR_SKIP_BLOCKS = (3, 6, 9)
 
 
 def _unetr_features(network: nn.Module, images: Tensor) -> list[Tensor]:
     tokens, hidden = network.vit(images)
-    return [network.proj_feat(hidden[i]) for i in UNETR_SKIP_BLOCKS] + [network.proj_feat(tokens)]
+    return [network.proj_feat(hidden[i]) for i in skip_blocks(len(hidden))] + [network.proj_feat(tokens)]
 
 
 def _swin_features(network: nn.Module, images: Tensor) -> list[Tensor]:

@@ -109,14 +109,15 @@ class ViTUNETR(nn.Module):
                                                           **common))
         self.out = UnetOutBlock(spatial_dims=3, in_channels=feature_size, out_channels=out_channels)
 
-    def _volume(self, tokens: Tensor) -> Tensor:
+    def proj_feat(self, tokens: Tensor) -> Tensor:
+        """``B, N, C`` tokens → ``B, C, d, h, w`` volume (the name and meaning of MONAI UNETR's method)."""
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *self.feat_size).contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
         last, hidden = self.vit(x)
-        enc2, enc3, enc4 = (getattr(self, f"encoder{i}")(self._volume(hidden[block]))
+        enc2, enc3, enc4 = (getattr(self, f"encoder{i}")(self.proj_feat(hidden[block]))
                             for i, block in zip((2, 3, 4), self.skips))
-        up = self.decoder5(self._volume(last), enc4)
+        up = self.decoder5(self.proj_feat(last), enc4)
         up = self.decoder4(up, enc3)
         up = self.decoder3(up, enc2)
         return self.out(self.decoder2(up, self.encoder1(x)))
