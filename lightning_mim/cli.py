@@ -29,6 +29,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "compare": "lightning_mim.segmentation.compare:main",
     "demo": "lightning_mim.demo:main",
     "check-data": "lightning_mim.reliability.check_data:main",
+    "study": "lightning_mim.study.runner:main",
 }
 
 TRAINER_DEFAULTS: dict[str, Any] = {
