@@ -256,13 +256,15 @@ def ensure_phantom_cohort(
     spacing: tuple[float, float, float] = (0.9, 0.9, 2.5),
     seed: int = 0,
     report: Callable[[str], None] | None = None,
+    lesions: bool = False,
 ) -> Path:
     """Path of the ``dataset.json`` of the phantom cohort, generating it first if needed.
 
     The cohort lives in a sub-folder of ``root`` (default :func:`default_phantom_root`) named
     after its parameters, so cohorts of different sizes never overwrite each other. A manifest of
     the generation parameters is written last; when it matches and all files exist, nothing is
-    done. Case ``i`` depends only on ``(seed, i)``, not on ``num_cases``.
+    done. Case ``i`` depends only on ``(seed, i)``, not on ``num_cases``. ``lesions``: add up to two
+    liver lesions per case (see :func:`generate_phantom`).
     """
     shape = tuple(int(n) for n in shape)
     spacing = tuple(float(s) for s in spacing)
@@ -273,12 +275,15 @@ def ensure_phantom_cohort(
         )
     base = Path(root).expanduser() if root else default_phantom_root()
     folder = _cohort_folder(base, num_cases, shape, spacing, seed)
+    if lesions:
+        folder = folder.with_name(folder.name + "-lesions")
     parameters = {
         "generator_version": GENERATOR_VERSION,
         "num_cases": num_cases,
         "shape": list(shape),
         "spacing": list(spacing),
         "seed": seed,
+        **({"lesions": True} if lesions else {}),
     }
     names = [f"phantom_{index:03d}.nii.gz" for index in range(num_cases)]
     datalist = folder / "dataset.json"
@@ -297,7 +302,7 @@ def ensure_phantom_cohort(
     affine[:3, 3] = origin
     digests = {}
     for index, (name, case_seed) in enumerate(zip(names, np.random.SeedSequence(seed).spawn(num_cases))):
-        hu, labels = generate_phantom(shape, spacing, np.random.default_rng(case_seed))
+        hu, labels = generate_phantom(shape, spacing, np.random.default_rng(case_seed), lesions)
         for sub, array in (("imagesTr", hu), ("labelsTr", labels)):
             content = _nifti_bytes(array, affine)
             _write_atomic(folder / sub / name, content)
@@ -333,6 +338,7 @@ def ensure_phantom_pools(
     spacing: tuple[float, float, float] = (5.0, 5.0, 5.0),
     seed: int = 0,
     report: Callable[[str], None] | None = None,
+    lesions: bool = False,
 ) -> dict[str, Path]:
     """Disjoint phantom pools for a label-efficiency study: ``{"unlabelled": path, "labelled": path}``.
 
@@ -344,7 +350,7 @@ def ensure_phantom_pools(
     """
     if min(unlabelled, labelled, test) < 1:
         raise ValueError(f"phantom pools need at least 1 case each; got unlabelled={unlabelled}, labelled={labelled}, test={test}")
-    datalist = ensure_phantom_cohort(root, test + labelled + unlabelled, shape, spacing, seed, report)
+    datalist = ensure_phantom_cohort(root, test + labelled + unlabelled, shape, spacing, seed, report, lesions)
     cases = json.loads(datalist.read_text())["training"]
     content = json.loads(datalist.read_text())
     pools = {

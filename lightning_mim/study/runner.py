@@ -63,7 +63,7 @@ class Arm:
     seed: int = 0
     config: dict[str, Any] = field(default_factory=dict)
     folder: Path = Path()
-    encoder: str | None = None  # the pre-trained file of a pre-trained evaluation arm (its digest is in config)
+    encoder: str | None = None  # the pre-trained file of a pre-trained evaluation arm (its checksum is in config)
 
     @property
     def key(self) -> str:
@@ -86,6 +86,10 @@ def _flags(prefix: str, settings: dict[str, Any] | None) -> list[str]:
     for key, value in (settings or {}).items():
         out += [f"--{prefix}.{key}", value if isinstance(value, str) else json.dumps(value)]
     return out
+
+
+class NotFinished(RuntimeError):
+    """``--report_only``: an arm has no result yet (reported as missing, not run)."""
 
 
 class Progress:
@@ -186,6 +190,7 @@ class StudySettings:
     labelled: dict[str, Any]
     wandb: bool
     name: str
+    report_only: bool = False
 
 
 class Study:
@@ -241,7 +246,8 @@ class Study:
                   "data_files": self._source_digests(s.labelled), "preprocessing": s.preprocessing,
                   "num_classes": s.num_classes, "nsd_tolerance_mm": s.nsd_tolerance_mm,
                   "config": _file_digest(STUDY_EXPERIMENTS / "finetune.yaml"),
-                  "encoder": _file_digest(encoder) if pretrained else None}
+                  # The weights' checksum, not the file's bytes (the file also records when it was written).
+                  "encoder": file.meta["checksum"] if pretrained else None}
         arm = Arm(kind, method if pretrained else "scratch", network, budget, seed, config,
                   encoder=str(encoder) if pretrained else None)
         label = method if pretrained else f"scratch-{network}"
@@ -290,6 +296,8 @@ class Study:
         if reused is not None:
             self.echo(progress.line(arm, "reused (finished earlier)", 0.0))
             return reused
+        if self.settings.report_only:
+            raise NotFinished(f"{arm.describe()} has not run yet ({arm.folder})")
         shutil.rmtree(arm.folder, ignore_errors=True)  # an unfinished run starts over: nothing half-reused
         arm.folder.mkdir(parents=True)
         script = "\n".join("python -m lightning_mim " + " ".join(_quote(a) for a in command) for command in commands)
@@ -368,6 +376,9 @@ class Study:
         return list(results.values())
 
     def _failed(self, arm: Arm, error: Exception) -> None:
+        if isinstance(error, NotFinished):
+            self.failures.append({"arm": arm.describe(), "folder": str(arm.folder), "error": "not run yet"})
+            return
         message = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
         self.failures.append({"arm": arm.describe(), "folder": str(arm.folder), "error": message})
         self.echo(f"[study] FAILED {arm.describe()}: {message} (log: {arm.folder / 'log.txt'})")
@@ -415,6 +426,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--results", type=str | None, default=None,
                         help="also copy the report here as study-<name>.{md,csv,json,png} (e.g. benchmarks/results)")
     parser.add_argument("--wandb", type=bool, default=False, help="log every arm to W&B (offline), one group per study")
+    parser.add_argument("--report_only", type=bool, default=False,
+                        help="write the report from the arms finished so far, run nothing (missing arms are listed)")
     parser.add_argument("--fast", type=bool, default=False, help="smoke test: tiny pools, 2 steps, 1 method, 2 seeds")
     return parser
 
@@ -447,7 +460,7 @@ def settings_from_args(args) -> StudySettings:
         nsd_tolerance_mm=args.nsd_tolerance_mm, num_classes=args.num_classes,
         preprocessing=dict(args.preprocessing) or default_preprocessing, roi_by_network=dict(args.roi_by_network),
         network_kwargs=dict(args.network_kwargs), unlabelled=dict(unlabelled), labelled=dict(labelled),
-        wandb=args.wandb, name=args.name)
+        wandb=args.wandb, name=args.name, report_only=args.report_only)
 
 
 def _echo(text: str) -> None:
@@ -478,7 +491,7 @@ def run_study(settings: StudySettings, results_folder: str | None = None, echo=_
               "nsd_tolerance_mm": settings.nsd_tolerance_mm,
               "arm_seconds": round(sum(r.get("seconds", 0.0) for r in results), 1),
               "wall_seconds_this_invocation": round(time.monotonic() - start, 1),
-              "failed_arms": study.failures or "none"}
+              "failed_or_missing_arms": "; ".join(f"{f['arm']}: {f['error']}" for f in study.failures) or "none"}
     paths = write_report(table, header, study.root / "report")
     if results_folder:
         stem = f"study-{settings.name}"
