@@ -463,6 +463,16 @@ def settings_from_args(args) -> StudySettings:
         wandb=args.wandb, name=args.name, report_only=args.report_only)
 
 
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def _echo(text: str) -> None:
     print(text, flush=True)  # progress must show at once, also when stdout is a file
 
@@ -484,7 +494,7 @@ def run_study(settings: StudySettings, results_folder: str | None = None, echo=_
     except OSError:
         commit = "unknown"
     header = {"name": settings.name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+              "machine": f"{_cpu_model() or platform.machine()}, {os.cpu_count()} CPU cores",
               "methods": ", ".join(settings.methods), "seeds": settings.seeds, "budgets": settings.budgets,
               "probe_budget": settings.probe_budget or "all", "steps": f"pre-training {settings.pretrain_steps}, "
               f"fine-tuning {settings.finetune_steps}, probe {settings.probe_steps}",
