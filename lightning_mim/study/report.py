@@ -99,11 +99,11 @@ def summary_markdown(table: Sequence[dict[str, Any]], header: dict[str, Any]) ->
               f"(same network, budget, seeds), {CI_METHOD}. **✓**: CI above 0; ✗: CI below 0. NSD at "
               f"{header.get('nsd_tolerance_mm')} mm; HD95 in mm (lower is better).", "",
               "## Mean over organs", "",
-              "| method | network | evaluation | Dice pre-trained | Dice scratch | Dice difference [95 % CI] | "
+              "| method | network | evaluation | seeds | Dice pre-trained | Dice scratch | Dice difference [95 % CI] | "
               "NSD difference [95 % CI] | HD95 pre-trained | HD95 scratch |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in (r for r in table if r["organ"] == MEAN):
-        lines.append(f"| {row['method']} | {row['network']} | {_evaluation_name(row)} | "
+        lines.append(f"| {row['method']} | {row['network']} | {_evaluation_name(row)} | {row['seeds']} | "
                      f"{_fmt(row['dice_pretrained_mean'])} ± {_fmt(row['dice_pretrained_sd'])} | "
                      f"{_fmt(row['dice_scratch_mean'])} ± {_fmt(row['dice_scratch_sd'])} | {_difference(row, 'dice')} | "
                      f"{_difference(row, 'nsd')} | {_fmt(row['hd95_pretrained_mean'], 1)} | {_fmt(row['hd95_scratch_mean'], 1)} |")
