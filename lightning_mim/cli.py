@@ -46,6 +46,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "demo": "lightning_mim.demo:main",
     "check-data": "lightning_mim.reliability.check_data:main",
     "preprocess": "lightning_mim.preprocess:main",
+    "study": "lightning_mim.study.runner:main",
 }
 
 # One line per LightningCLI stage for ``--help`` (Lightning's own docstrings describe the Trainer method).

@@ -35,9 +35,9 @@ from torch import Tensor
 
 #: Columns that describe the run, repeated on every row (``dataset``: see ``SegmentationDataModule.dataset_name``).
 RUN_COLUMNS = ("dataset", "method", "label_fraction", "num_labelled", "seed")
-CSV_COLUMNS = (*RUN_COLUMNS, "case_id", "class_index", "organ", "dice", "hd95")
+CSV_COLUMNS = (*RUN_COLUMNS, "case_id", "class_index", "organ", "dice", "hd95", "nsd")
 #: Columns a metrics CSV written before they existed may lack.
-OPTIONAL_COLUMNS = ("dataset",)
+OPTIONAL_COLUMNS = ("dataset", "nsd")
 METRIC_NOTE = ("Dice / HD95 (mm) per organ, background excluded, on the preprocessed (resampled) grid; "
                "NaN = organ absent from the ground truth (or, for HD95, from the prediction).")
 
@@ -67,10 +67,13 @@ def sliding_window_logits(
 
 
 def case_metrics(prediction: Tensor, label: Tensor, num_classes: int, spacing: Sequence[float] | None = None,
-                 hd95: bool = True) -> dict[str, list[float]]:
-    """Per-organ Dice (and HD95 in mm) of one case; ``prediction``/``label`` are ``D×H×W`` class maps.
+                 hd95: bool = True, nsd_tolerance: float | None = None) -> dict[str, list[float]]:
+    """Per-organ Dice (and HD95 in mm, NSD) of one case; ``prediction``/``label`` are ``D×H×W`` class maps.
 
-    Returns lists of ``num_classes − 1`` values (class 1 first); see the module docstring for NaNs.
+    ``nsd_tolerance``: also the normalised surface Dice at this tolerance (mm; voxels without
+    ``spacing``), MONAI's ``compute_surface_dice``: the share of both surfaces lying within the
+    tolerance of the other. Returns lists of ``num_classes − 1`` values (class 1 first); see the
+    module docstring for NaNs (an organ absent from the ground truth has NSD NaN).
     """
     if prediction.shape != label.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and label {tuple(label.shape)} differ in shape")
@@ -84,7 +87,22 @@ def case_metrics(prediction: Tensor, label: Tensor, num_classes: int, spacing: S
             distance = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(
                 pred, true, spacing=None if spacing is None else [float(s) for s in spacing])[0]
         out["hd95"] = [float(v) for v in distance]
+    if nsd_tolerance is not None:
+        out["nsd"] = surface_dice(pred, true, nsd_tolerance, spacing)
     return out
+
+
+def surface_dice(pred: Tensor, true: Tensor, tolerance: float, spacing: Sequence[float] | None = None) -> list[float]:
+    """NSD per foreground class of one-hot ``1×C×D×H×W`` maps; NaN where the ground truth lacks the class."""
+    from monai.metrics import compute_surface_dice
+
+    classes = int(pred.shape[1]) - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns for every empty organ; the NaN says the same
+        values = compute_surface_dice(pred, true, [float(tolerance)] * classes, include_background=False,
+                                      spacing=None if spacing is None else [float(s) for s in spacing])[0]
+    present = true[0, 1:].flatten(1).any(dim=1)
+    return [float(v) if bool(p) else math.nan for v, p in zip(values, present)]
 
 
 def gather_by_case(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -102,10 +120,11 @@ def metric_rows(results: Iterable[Mapping[str, Any]], class_names: Sequence[str]
     rows = []
     for result in results:
         for index, dice in enumerate(result["dice"], start=1):
-            hd = result.get("hd95")
+            hd, nsd = result.get("hd95"), result.get("nsd")
             rows.append({**{c: columns.get(c) for c in RUN_COLUMNS}, "case_id": result["case_id"], "class_index": index,
                          "organ": class_names[index] if index < len(class_names) else f"class_{index}",
-                         "dice": dice, "hd95": None if hd is None else hd[index - 1]})
+                         "dice": dice, "hd95": None if hd is None else hd[index - 1],
+                         "nsd": None if nsd is None else nsd[index - 1]})
     return rows
 
 
@@ -152,7 +171,8 @@ def read_metrics_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
         for row in reader:
             rows.append({**row, "dataset": row.get("dataset") or None, "label_fraction": number(row["label_fraction"]),
                          "num_labelled": None if row["num_labelled"] == "" else int(float(row["num_labelled"])),
-                         "class_index": int(row["class_index"]), "dice": number(row["dice"]), "hd95": number(row["hd95"])})
+                         "class_index": int(row["class_index"]), "dice": number(row["dice"]), "hd95": number(row["hd95"]),
+                         "nsd": number(row.get("nsd") or "")})
     return rows
 
 

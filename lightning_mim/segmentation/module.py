@@ -39,7 +39,7 @@ TEST_CSV = "test_metrics.csv"
 TEST_SUMMARY = "test_summary.md"
 #: Constructor arguments that only affect evaluation; not saved as hyper-parameters (see __init__).
 EVALUATION_SETTINGS = ("sw_batch_size", "sw_overlap", "sw_mode", "sw_sigma_scale", "sw_stitch_device", "val_hd95",
-                       "test_hd95", "prediction_dir")
+                       "test_hd95", "test_nsd_tolerance", "prediction_dir")
 
 
 def resolve_network(file: EncoderFile | None, network: str | None,
@@ -102,6 +102,7 @@ class SegmentationModule(L.LightningModule):
         sw_stitch_device: where windows are accumulated; ``cpu`` for large volumes on a small GPU.
         val_hd95: also compute HD95 at validation (slow); test always reports it when ``test_hd95``.
         test_hd95: HD95 at test.
+        test_nsd_tolerance: also the normalised surface Dice at test, at this tolerance in mm (None: off).
         prediction_dir: where ``predict`` writes NIfTI label maps; default ``<run folder>/predictions``.
         pretrained_from: provenance, set in checkpoints: the file the weights started from (not read).
 
@@ -134,6 +135,7 @@ class SegmentationModule(L.LightningModule):
         sw_stitch_device: str | None = None,
         val_hd95: bool = False,
         test_hd95: bool = True,
+        test_nsd_tolerance: float | None = None,
         prediction_dir: str | None = None,
         pretrained_from: str | None = None,
     ) -> None:
@@ -144,6 +146,9 @@ class SegmentationModule(L.LightningModule):
         self.sw_batch_size, self.sw_overlap, self.sw_mode = sw_batch_size, sw_overlap, sw_mode
         self.sw_sigma_scale, self.sw_stitch_device = sw_sigma_scale, sw_stitch_device
         self.val_hd95, self.test_hd95, self.prediction_dir = val_hd95, test_hd95, prediction_dir
+        self.test_nsd_tolerance = test_nsd_tolerance
+        if test_nsd_tolerance is not None and test_nsd_tolerance < 0:
+            raise ValueError(f"test_nsd_tolerance must be >= 0 mm, got {test_nsd_tolerance}")
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
         if not 0.0 < layer_decay <= 1.0:
@@ -221,11 +226,12 @@ class SegmentationModule(L.LightningModule):
                                        self.sw_mode, self.sw_sigma_scale, self.sw_stitch_device)
         return logits.argmax(dim=1)
 
-    def _evaluate(self, batch: dict[str, Any], hd95: bool) -> None:
+    def _evaluate(self, batch: dict[str, Any], hd95: bool, nsd_tolerance: float | None = None) -> None:
         prediction = self.predict_volume(batch["image"])
         for i, case_id in enumerate(batch["case_id"]):
             spacing = batch["spacing"][i].tolist() if "spacing" in batch else None
-            metrics = case_metrics(prediction[i], batch["label"][i, 0], self.hparams.num_classes, spacing, hd95)
+            metrics = case_metrics(prediction[i], batch["label"][i, 0], self.hparams.num_classes, spacing, hd95,
+                                   nsd_tolerance)
             self._results.append({"case_id": case_id, **metrics})
 
     def _class_names(self) -> list[str]:
@@ -263,7 +269,7 @@ class SegmentationModule(L.LightningModule):
         self._results = []
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_hd95)
+        self._evaluate(batch, self.test_hd95, self.test_nsd_tolerance)
 
     def on_test_epoch_end(self) -> None:
         results = gather_by_case(self._results)

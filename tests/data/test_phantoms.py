@@ -52,7 +52,8 @@ def test_every_organ_is_labelled_with_plausible_hounsfield_units(phantom_datalis
     median = {organ: np.median(values) for organ, values in median_hu.items()}
     assert 40 <= median["liver"] <= 80 and 30 <= median["spleen"] <= 70 and 20 <= median["pancreas"] <= 60
     assert median["aorta"] >= 130 and median["spine"] >= 250
-    assert min(median["right_kidney"], median["left_kidney"]) >= 60  # enhancing cortex dominates
+    # Enhancing cortex around a water-like medulla; the contrast phase varies between cases (generator v2).
+    assert min(median["right_kidney"], median["left_kidney"]) >= 50
     assert median["stomach"] <= 30  # water and gas contents
 
 
