@@ -1,6 +1,6 @@
 """Online segmentation probe: what one probe costs next to the pre-training steps it interrupts.
 
-The pre-training run is the demo's (``experiments/demo/pretrain_mae.yaml``: MAE-3D, ViT 48 × 12
+The pre-training run is the earlier demo's (``benchmarks/configs/probe_pretrain_mae.yaml``: MAE-3D, ViT 48 × 12
 blocks on 48³ crops, batch 8, the phantom cohort), built from its YAML. A *step* is what Lightning's
 automatic optimisation runs for it: ``shared_step``, ``backward``, an AdamW step, on batches loaded
 beforehand (data loading is left out, so the share below is an upper bound). A
@@ -37,7 +37,7 @@ PREFETCHED_BATCHES = 4  # steps are timed on loaded batches: loading is left out
 
 @dataclass(frozen=True)
 class ProbeBenchConfig:
-    recipe: str = "experiments/demo/pretrain_mae.yaml"
+    recipe: str = "benchmarks/configs/probe_pretrain_mae.yaml"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data_overrides: dict[str, Any] = field(default_factory=dict)
     probe: dict[str, Any] = field(default_factory=dict)  # SegmentationProbe arguments (defaults when empty)

@@ -4,7 +4,7 @@ The repository's ``experiments/`` folder is installed as the package ``lightning
 (setup.py maps it; the files exist once). ``--config X`` is read as a path first. When no file
 ``X`` exists, ``X`` is looked up among the shipped recipes, with or without the leading
 ``experiments/`` and the ``.yaml`` suffix: ``mae``, ``smit.yaml``, ``experiments/mae.yaml``,
-``trainer/gpu.yaml``, ``demo/pretrain_mae.yaml``. A checkout that is not installed (``PYTHONPATH``)
+``trainer/gpu.yaml``, ``study/demo.yaml``. A checkout that is not installed (``PYTHONPATH``)
 finds them in ``./experiments`` when run from the repository root.
 """
 

@@ -76,7 +76,7 @@ def test_wandb_logger_does_not_pass_the_deprecated_anonymous_setting(tmp_path):
 # --------------------------------------------------------------------------------------------- recipes
 def test_recipe_names_resolve_in_a_checkout(monkeypatch):
     """From the repository root an uninstalled checkout finds recipes by the documented names."""
-    assert {"mae.yaml", "smit.yaml", "trainer/gpu.yaml", "demo/pretrain_mae.yaml"} <= set(shipped_recipes())
+    assert {"mae.yaml", "smit.yaml", "trainer/gpu.yaml", "study/demo.yaml"} <= set(shipped_recipes())
     for name in ("mae", "mae.yaml", "experiments/mae.yaml", "trainer/cpu"):
         found = find_recipe(name)
         assert found.is_file() and found.suffix == ".yaml", name

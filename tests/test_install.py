@@ -113,4 +113,4 @@ def test_installed_demo_runs_from_any_folder(installed, tmp_path):
                            str(tmp_path / "demo")], cwd=installed["cwd"], env=env, capture_output=True, text=True,
                           timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert (tmp_path / "demo" / "comparison").is_dir()
+    assert (tmp_path / "demo" / "report" / "study.md").is_file()
