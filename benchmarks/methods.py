@@ -239,7 +239,7 @@ def _bare_hybrid(module, batch):
 
     images = batch["image"]
     mask = random_cell_mask(images.shape[0], module.cell_grid, module.hparams.mask_ratio, rounding="floor", by_keep=True)
-    masked = fill_masked_voxels(images, mask, module.mask_patch_size, module.hparams.fill)
+    masked = fill_masked_voxels(images, mask, module.mask_cell, module.hparams.fill)
     box = module.choose_box()
 
     def loss() -> Tensor:

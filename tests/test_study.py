@@ -134,3 +134,23 @@ def test_fast_study_end_to_end_resumes_and_reproduces_its_table(tmp_path, monkey
     lines = capsys.readouterr().out.splitlines()
     assert sum(": running" in line for line in lines) == 3
     assert (report / "study.csv").read_text() == csv_before
+
+
+def test_two_spellings_of_one_network_give_one_scratch_arm():
+    """HybridMIM writes Swin UNETR's default norm arguments out, SimMIM-3D leaves them implicit: same network."""
+    from monai.networks.nets import SwinUNETR
+
+    from lightning_mim.segmentation.networks import without_defaults
+
+    implicit = {"in_channels": 1, "feature_size": 12, "depths": [1, 1, 1, 1], "window_size": 4, "spatial_dims": 3}
+    explicit = {**implicit, "norm_name": "instance", "normalize": True}
+    assert without_defaults("swin_unetr", explicit) == without_defaults("swin_unetr", implicit)
+    assert without_defaults("swin_unetr", explicit) == {"in_channels": 1, "feature_size": 12, "depths": [1, 1, 1, 1],
+                                                        "window_size": 4}
+    # A non-default value stays, so different networks stay different arms, and the kept set builds the same network.
+    assert without_defaults("swin_unetr", {**implicit, "normalize": False})["normalize"] is False
+    torch.manual_seed(0)
+    full = SwinUNETR(out_channels=3, **explicit).state_dict()
+    torch.manual_seed(0)
+    short = SwinUNETR(out_channels=3, **without_defaults("swin_unetr", explicit)).state_dict()
+    assert full.keys() == short.keys() and all(torch.equal(full[k], short[k]) for k in full)

@@ -74,7 +74,7 @@ class HybridMIM(MIMModule):
         unet_channels: UNet channels per level (DeepUNet v2: 64, 64, 128, 256, 512).
         unet_strides: UNet pooling per level after the stem (2, 2, 2, 1 → 12³ bottleneck at 96³).
         unet_dropout: UNet dropout in the stem and decoder blocks (0.1: the contrastive source).
-        mask_patch_size: side of the masked patches (16).
+        mask_cell: side of the mask cells in voxels (16), the masking unit shared with SimMIM-3D and SMIT.
         mask_ratio: fraction of patches masked; kept count ``floor(L·(1−r))`` as in the code.
         mask_ratio_range: draw the ratio once per step from this range instead (the code's commented
             alternatives: (0.2, 0.4) for Swin, (0.4, 0.75) for the UNet).
@@ -118,7 +118,7 @@ class HybridMIM(MIMModule):
         unet_channels: tuple[int, ...] = (64, 64, 128, 256, 512),
         unet_strides: tuple[int, ...] = (2, 2, 2, 1),
         unet_dropout: float = 0.1,
-        mask_patch_size: int = 16,
+        mask_cell: int = 16,
         mask_ratio: float = 0.4,
         mask_ratio_range: tuple[float, float] | None = None,
         mask_ratio_sampling: RatioSampling = "clamped",
@@ -161,11 +161,11 @@ class HybridMIM(MIMModule):
             raise ValueError(f"unknown backbone {backbone!r}; choose 'swin' or 'unet'")
 
         self.backbone, self.img_size, self.in_channels = backbone, size, in_channels
-        self.cell_grid = grid_shape(size, mask_patch_size)
+        self.cell_grid = grid_shape(size, mask_cell)
         self.region_grid = region_grid(self.cell_grid, region_size)
-        region_side = mask_patch_size * region_size
+        region_side = mask_cell * region_size
         if region_side % stride:
-            raise ValueError(f"a region of {region_size}³ patches of {mask_patch_size}³ ({region_side} voxels) must "
+            raise ValueError(f"a region of {region_size}³ patches of {mask_cell}³ ({region_side} voxels) must "
                              f"cover whole bottleneck cells of {stride} voxels")
         self.region_pool = region_side // stride
         self.bottleneck_grid = tuple(s // stride for s in size)
@@ -189,7 +189,7 @@ class HybridMIM(MIMModule):
         self.count_head = nn.Linear(bottleneck_channels, cells + 1)
         self.location_head = nn.Linear(bottleneck_channels, cells)
         self.projection = nn.Linear(bottleneck_channels, projection_dim)
-        self.mask_patch_size, self.region_size = mask_patch_size, region_size
+        self.mask_cell, self.region_size = mask_cell, region_size
         self.loss_weights = {"partial_region": weight_partial_region, "count": weight_count,
                              "location": weight_location, "consistency": weight_consistency,
                              "contrastive": weight_contrastive}
@@ -265,12 +265,12 @@ class HybridMIM(MIMModule):
         mask = random_cell_mask(images.shape[0], self.cell_grid, ratio, rounding="floor", by_keep=True,
                                 device=images.device)
         labels = region_labels(mask, self.region_size, hp.legacy_region_grouping)
-        masked_input = fill_masked_voxels(images, mask, self.mask_patch_size, hp.fill)
+        masked_input = fill_masked_voxels(images, mask, self.mask_cell, hp.fill)
 
         features = self.encode(masked_input)
         box = self.choose_box()
         reconstruction = torch.sigmoid(self.decode(masked_input, features, box).float())
-        masked_voxels = crop_to_box(voxel_mask(mask, self.mask_patch_size), box, self.bottleneck_grid)
+        masked_voxels = crop_to_box(voxel_mask(mask, self.mask_cell), box, self.bottleneck_grid)
         target = crop_to_box(images, box, self.bottleneck_grid)
         terms = {"partial_region": partial_region_loss(reconstruction, target, masked_voxels)}
 
@@ -305,11 +305,11 @@ class HybridMIM(MIMModule):
         first = masked_input[:1].detach()
         pasted = first.clone()
         slices = box.voxel_slices([s // g for s, g in zip(self.img_size, self.bottleneck_grid)])
-        inside = crop_to_box(voxel_mask(mask[:1], self.mask_patch_size), box, self.bottleneck_grid).bool()
+        inside = crop_to_box(voxel_mask(mask[:1], self.mask_cell), box, self.bottleneck_grid).bool()
         region = pasted[(..., *slices)]
         pasted[(..., *slices)] = torch.where(inside, reconstruction[:1].detach().to(region.dtype), region)
         return {"input": images[:1], "masked": first, "reconstruction": pasted,
-                "heat/mask": voxel_mask(mask[:1], self.mask_patch_size)}
+                "heat/mask": voxel_mask(mask[:1], self.mask_cell)}
 
     # ------------------------------------------------------------------ export
     def export_encoder(self) -> EncoderExport:
@@ -323,7 +323,7 @@ class HybridMIM(MIMModule):
         hp = self.hparams
         decoder = {k: v.detach().clone() for k, v in self.decoder.state_dict().items() if not k.startswith("out.")}
         metadata = {"method": "hybridmim", "backbone": self.backbone, "img_size": list(self.img_size),
-                    "mask_patch_size": self.mask_patch_size, "mask_ratio": hp.mask_ratio, "fill": hp.fill}
+                    "mask_cell": self.mask_cell, "mask_ratio": hp.mask_ratio, "fill": hp.fill}
         if self.backbone == "swin":
             state_dict = {**self.encoder.swin_unetr_state_dict(), **decoder}
             network_kwargs = {**self.encoder.swin_unetr_kwargs(), "norm_name": "instance", "normalize": True}

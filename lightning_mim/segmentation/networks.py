@@ -22,6 +22,8 @@ freezing) and the depth of every parameter for layer-wise learning-rate decay.
 
 from __future__ import annotations
 
+import inspect
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -211,6 +213,27 @@ def network_spec(name: str) -> NetworkSpec:
         return NETWORKS[name]
     except KeyError:
         raise ValueError(f"unknown segmentation network {name!r}; choose one of {sorted(NETWORKS)}") from None
+
+
+def _network_class(name: str) -> type[nn.Module]:
+    from monai.networks.nets import UNETR, SwinUNETR
+
+    return {"unetr": UNETR, "swin_unetr": SwinUNETR, "stunet_encoder": STUNetUNet, "hybridmim_unet": UNet3D}[network_spec(name).name]
+
+
+def without_defaults(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` less the arguments equal to the network's constructor defaults.
+
+    Two spellings of one network (an encoder file that writes a default out, another that leaves it
+    implicit) then compare equal — the study runs their shared from-scratch arms once.
+    """
+    defaults = {key: p.default for key, p in inspect.signature(_network_class(name)).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+
+    def same(a: Any, b: Any) -> bool:  # a tuple default and the list a YAML/JSON file holds are one value
+        return json.dumps(a, default=str) == json.dumps(b, default=str)
+
+    return {key: value for key, value in kwargs.items() if not (key in defaults and same(value, defaults[key]))}
 
 
 def required_multiple(name: str, network: nn.Module) -> int:

@@ -235,12 +235,13 @@ class Study:
                 *self._logger_flags(f"pretrain-{arm.method}", arm.folder)]
 
     def evaluation_arm(self, kind: str, method: str, encoder: Path, budget: int | None, seed: int, pretrained: bool) -> Arm:
+        from lightning_mim.segmentation.networks import without_defaults
         from lightning_mim.segmentation.weights import read_pretrained
 
         s = self.settings
         file = read_pretrained(encoder)
         network = file.target
-        kwargs = {**s.network_kwargs.get(network, {}), **file.network_kwargs}
+        kwargs = without_defaults(network, {**s.network_kwargs.get(network, {}), **file.network_kwargs})
         roi = s.roi_by_network.get(network, [32, 32, 32])
         config = {"kind": kind, "network": network, "network_kwargs": kwargs, "roi": roi, "budget": budget, "seed": seed,
                   "steps": s.probe_steps if kind == "probe" else s.finetune_steps, "data": s.labelled,
