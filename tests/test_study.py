@@ -154,3 +154,24 @@ def test_two_spellings_of_one_network_give_one_scratch_arm():
     torch.manual_seed(0)
     short = SwinUNETR(out_channels=3, **without_defaults("swin_unetr", explicit)).state_dict()
     assert full.keys() == short.keys() and all(torch.equal(full[k], short[k]) for k in full)
+
+
+def test_plot_draws_one_scratch_curve_per_network_as_built(tmp_path, monkeypatch):
+    """SMIT's Swin UNETR and SimMIM-3D's are one network name with two scratch curves; both must be drawn."""
+    import matplotlib.pyplot as plt
+
+    from lightning_mim.study.report import MEAN, plot_label_efficiency
+
+    def row(method, cases, scratch):
+        return {"method": method, "network": "swin_unetr", "evaluation": "finetune", "organ": MEAN,
+                "labelled_cases": cases, "dice_pretrained_mean": 0.5, "dice_pretrained_sd": 0.1,
+                "dice_scratch_mean": scratch, "dice_scratch_sd": 0.1}
+
+    table = [row("simmim3d", 1, 0.2), row("simmim3d", 4, 0.3), row("hybridmim_swin", 1, 0.2),
+             row("hybridmim_swin", 4, 0.3), row("smit", 1, 0.1), row("smit", 4, 0.15)]
+    legends = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda figure: (legends.extend(t.get_text() for t in figure.axes[0].get_legend().get_texts()),
+                                                      close(figure)))
+    plot_label_efficiency(table, tmp_path / "plot.png")
+    assert [t for t in legends if t.startswith("scratch")] == ["scratch (swin_unetr)", "scratch (swin_unetr as smit builds it)"]

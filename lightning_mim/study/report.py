@@ -128,18 +128,20 @@ def plot_label_efficiency(table: Sequence[dict[str, Any]], path: Path) -> Path:
 
     rows = [r for r in table if r["organ"] == MEAN and r["evaluation"] == "finetune"]
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    scratch_done = set()
+    scratch_done: dict[tuple, str] = {}  # scratch curve → its label; one network name may be built two ways (SMIT's Swin)
     for method in dict.fromkeys(r["method"] for r in rows):
         points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["labelled_cases"] or 0)
         x = [r["labelled_cases"] for r in points]
         axis.errorbar(x, [r["dice_pretrained_mean"] for r in points], yerr=[r["dice_pretrained_sd"] for r in points],
                       marker="o", capsize=3, label=method)
         network = points[0]["network"]
-        if network not in scratch_done:
-            scratch_done.add(network)
+        curve = (network, *x, *(r["dice_scratch_mean"] for r in points))
+        if curve not in scratch_done:
+            named = network not in {key[0] for key in scratch_done}
+            scratch_done[curve] = f"scratch ({network})" if named else f"scratch ({network} as {method} builds it)"
             axis.errorbar(x, [r["dice_scratch_mean"] for r in points], yerr=[r["dice_scratch_sd"] for r in points],
-                          marker="s", capsize=3, linestyle="--", color="grey", alpha=0.4 + 0.6 / (len(scratch_done)),
-                          label=f"scratch ({network})")
+                          marker="s", capsize=3, linestyle="--", color="grey", alpha=0.4 + 0.6 / len(scratch_done),
+                          label=scratch_done[curve])
     axis.set_xscale("log", base=2)
     axis.set_xlabel("labelled training cases")
     axis.set_ylabel("mean Dice over organs (± SD over seeds)")
