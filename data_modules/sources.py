@@ -3,7 +3,8 @@
 Every problem with the input is raised as :class:`DataSourceError` with the offending path in the
 message, at discovery time, so that a bad dataset fails before training starts and never mid-epoch.
 Discovery only checks that files exist; whether they decode is checked by :func:`read_image`, which
-the cache calls once per case (and reports all bad cases together).
+the cache calls once per case (and reports all bad cases together). Each file is decoded once,
+its completeness included (a ``.nii.gz`` is checked against its gzip CRC-32 and length).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import locale
 import os
 import re
+import struct
 import warnings
 import zlib
 from collections import Counter
@@ -27,7 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torchio as tio
-from torchio.data.io import sitk_to_nib
+from torchio.data.io import check_uint_to_int, ensure_4d, sitk_to_nib
 
 #: Single-file formats discovered in folders (read through TorchIO, i.e. SimpleITK then NiBabel).
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -377,18 +379,39 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {reason.strip()}"[:300]
 
 
-def _check_nifti_complete(path: Path) -> None:
+@dataclass(frozen=True)
+class _NiftiLayout:
+    """Where a NIfTI file's voxels start and how they are stored, from its header alone."""
+
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    slope: float
+    inter: float
+
+    @property
+    def data_end(self) -> int:
+        return self.offset + int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+def _nifti_layout(path: Path) -> _NiftiLayout:
+    try:
+        # The proxy, not ``header``: NiBabel resets the loaded header's vox_offset and scaling.
+        proxy = nib.load(str(path)).dataobj
+        return _NiftiLayout(int(proxy.offset), np.dtype(proxy.dtype), tuple(int(n) for n in proxy.shape),
+                            float(proxy.slope), float(proxy.inter))
+    except Exception as error:  # noqa: BLE001 - any header failure means "not a readable NIfTI"
+        raise DataSourceError(f"{path}: not a readable NIfTI file ({_first_line(error)})") from error
+
+
+def _check_nifti_complete(path: Path, layout: _NiftiLayout) -> None:
     """Fail on a NIfTI file whose data is cut short or whose gzip stream is damaged.
 
     ITK's NIfTI reader accepts both silently (the missing voxels come back as zeros or garbage),
-    so compare the data size the header promises with what the file holds; for ``.nii.gz`` the
-    whole stream is decompressed once, which also checks gzip's CRC.
+    so compare the data size the header promises with what the file holds; for ``.nii.gz`` this
+    inflates the whole stream, which also checks gzip's CRC - :func:`_read_nifti_gz` does so only
+    when the one decode it already did cannot be matched to the stream's CRC.
     """
-    try:
-        header = nib.load(str(path)).header
-        expected = int(header["vox_offset"]) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-    except Exception as error:  # noqa: BLE001 - any header failure means "not a readable NIfTI"
-        raise DataSourceError(f"{path}: not a readable NIfTI file ({_first_line(error)})") from error
     if path.name.lower().endswith(".gz"):
         available = 0
         try:
@@ -399,25 +422,102 @@ def _check_nifti_complete(path: Path) -> None:
             raise DataSourceError(f"{path}: compressed data is truncated or corrupt ({_first_line(error)})") from error
     else:
         available = path.stat().st_size
-    if available < expected:
-        raise DataSourceError(f"{path}: file is truncated: {available} bytes of data, the header needs {expected}")
+    if available < layout.data_end:
+        raise DataSourceError(f"{path}: file is truncated: {available} bytes of data, the header needs {layout.data_end}")
 
 
-def _read_file(path: Path, image_class: type[tio.Image]) -> tio.Image:
-    if path.stat().st_size == 0:
-        raise DataSourceError(f"{path}: file is empty (0 bytes)")
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        _check_nifti_complete(path)
+def _matches_gzip_trailer(path: Path, layout: _NiftiLayout, decoded: np.ndarray) -> bool:
+    """Whether the header bytes and ITK's decoded voxels (in file order) re-encode to the CRC-32 and
+    length that the gzip trailer records for the whole stream.
+
+    A match proves the stream complete and intact and the voxels unaltered, without inflating it a
+    second time (a CRC costs a small fraction of an inflate). No match is not an error by itself:
+    ITK also alters the voxels of valid files (NaN and Inf become 0; a scaling that does not invert
+    exactly), and a multi-member stream or trailing bytes change the trailer; the caller then
+    inflates the stream to tell those from a damaged one.
+    """
+    if decoded.size != int(np.prod(layout.shape)) or not decoded.flags.c_contiguous:
+        return False
+    scaled = (layout.slope, layout.inter) != (1.0, 0.0)
+    if scaled and not np.issubdtype(layout.dtype, np.integer):
+        return False
+    with gzip.open(path, "rb") as stream:
+        header = stream.read(layout.offset)  # a few hundred bytes
+    crc, length = zlib.crc32(header), len(header)
+    flat = decoded.reshape(-1)
+    step = 1 << 22  # bounded memory for the byte conversions
+    for start in range(0, flat.size, step):
+        chunk = flat[start:start + step]
+        if scaled:  # ITK returns raw * slope + inter: invert it to the stored integers
+            chunk = np.rint((chunk.astype(np.float64) - layout.inter) / layout.slope)
+        chunk = np.ascontiguousarray(chunk, dtype=layout.dtype)  # no copy when ITK kept the stored type
+        crc, length = zlib.crc32(chunk, crc), length + chunk.nbytes
+    with open(path, "rb") as handle:
+        handle.seek(-8, os.SEEK_END)
+        stored_crc, stored_length = struct.unpack("<II", handle.read(8))
+    return crc == stored_crc and length % (1 << 32) == stored_length
+
+
+_READ_ERRORS = (RuntimeError, ValueError, OSError, EOFError, zlib.error)
+
+
+def _unreadable(path: Path, error: BaseException) -> DataSourceError:
+    return DataSourceError(f"{path}: cannot be read as an image, the file may be truncated or corrupt ({_first_line(error)})")
+
+
+def _read_through_torchio(path: Path, image_class: type[tio.Image]) -> tio.Image:
     image = image_class(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchIO warns before falling back from SimpleITK to NiBabel
             image.load()
-    except (RuntimeError, ValueError, OSError, EOFError, zlib.error) as error:
-        raise DataSourceError(
-            f"{path}: cannot be read as an image, the file may be truncated or corrupt ({_first_line(error)})"
-        ) from error
+    except _READ_ERRORS as error:
+        raise _unreadable(path, error) from error
     return image
+
+
+def _read_nifti_gz(path: Path, image_class: type[tio.Image], layout: _NiftiLayout) -> tuple[tio.Image, bool]:
+    """Read a ``.nii.gz`` on one inflate, as TorchIO would (SimpleITK, NiBabel as the fallback), and
+    say whether its voxels were proven to be the file's exact bytes (see :func:`_matches_gzip_trailer`).
+
+    Checking the stream first, then letting ITK read it, had inflated every file twice.
+    """
+    try:
+        decoded = sitk.ReadImage(str(path))
+    except RuntimeError:
+        _check_nifti_complete(path, layout)  # a damaged stream is the likelier cause: name it
+        return _read_through_torchio(path, image_class), False
+    as_stored = _matches_gzip_trailer(path, layout, sitk.GetArrayViewFromImage(decoded))
+    if not as_stored:
+        _check_nifti_complete(path, layout)
+    try:
+        data, affine = sitk_to_nib(decoded, keepdim=True)  # TorchIO's own conversion, so the same tensor
+        tensor = ensure_4d(torch.as_tensor(check_uint_to_int(data))).contiguous()
+        return image_class(tensor=tensor, affine=affine, path=path), as_stored
+    except _READ_ERRORS as error:
+        raise _unreadable(path, error) from error
+
+
+@dataclass
+class _ReadFile:
+    image: tio.Image
+    layout: _NiftiLayout | None = None  # NIfTI files only
+    as_stored: bool = False  # the voxels are proven to be the file's exact bytes
+
+
+def _read_file(path: Path, image_class: type[tio.Image]) -> _ReadFile:
+    if path.stat().st_size == 0:
+        raise DataSourceError(f"{path}: file is empty (0 bytes)")
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        layout = _nifti_layout(path)
+        image, as_stored = _read_nifti_gz(path, image_class, layout)
+        return _ReadFile(image, layout, as_stored)
+    if name.endswith(".nii"):
+        layout = _nifti_layout(path)
+        _check_nifti_complete(path, layout)  # a size comparison: nothing is decoded twice
+        return _ReadFile(_read_through_torchio(path, image_class), layout)
+    return _ReadFile(_read_through_torchio(path, image_class))
 
 
 def _check_volume(path: Path, image: tio.Image, channels: int) -> None:
@@ -429,28 +529,46 @@ def _check_volume(path: Path, image: tio.Image, channels: int) -> None:
         raise DataSourceError(f"{path}: image has {num_channels} channels/volumes (4D), expected {channels}{hint}")
 
 
+def _read_image(path: str | os.PathLike, channels: int) -> tuple[Path, _ReadFile]:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataSourceError(f"{path}: no such file or folder")
+    read = _ReadFile(_read_dicom_series(path)) if path.is_dir() else _read_file(path, tio.ScalarImage)
+    _check_volume(path, read.image, channels)
+    return path, read
+
+
 def read_image(path: str | os.PathLike, channels: int = 1) -> tio.ScalarImage:
     """Read a volume file or a DICOM series folder as a loaded ``tio.ScalarImage`` (C x I x J x K).
 
     Files go through TorchIO (SimpleITK, NiBabel fallback); folders through SimpleITK's
     ``ImageSeriesReader`` with GDCM series ids. The result must be 3D with exactly ``channels``
     channels: a 4D file is only accepted as a multi-channel image when ``channels > 1`` is declared,
-    so that a time series is never silently treated as channels.
+    so that a time series is never silently treated as channels. A ``.nii.gz`` is inflated once.
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataSourceError(f"{path}: no such file or folder")
-    image = _read_dicom_series(path) if path.is_dir() else _read_file(path, tio.ScalarImage)
-    _check_volume(path, image, channels)
-    return image
+    return _read_image(path, channels)[1].image
+
+
+def read_image_as_stored(path: str | os.PathLike, channels: int = 1) -> tuple[tio.ScalarImage, torch.Tensor]:
+    """:func:`read_image` and the voxels exactly as the file stores them, for the data checks.
+
+    ITK's NIfTI reader (which TorchIO uses) turns NaN and Inf into 0, so a floating-point NIfTI
+    file's voxels come again from NiBabel, which keeps them - unless its one decode already matched
+    the gzip stream's CRC-32, which proves ITK changed nothing.
+    """
+    path, read = _read_image(path, channels)
+    layout = read.layout
+    if layout is None or read.as_stored or not np.issubdtype(layout.dtype, np.floating):
+        return read.image, read.image.data
+    return read.image, torch.from_numpy(np.asanyarray(nib.load(str(path)).dataobj))
 
 
 def read_label(path: str | os.PathLike) -> tio.LabelMap:
-    """Read a single-channel 3D label map file whose voxel values are integers."""
+    """Read a single-channel 3D label map file whose voxel values are integers (a ``.nii.gz`` inflated once)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataSourceError(f"{path}: label map file does not exist")
-    label = _read_file(path, tio.LabelMap)
+    label = _read_file(path, tio.LabelMap).image
     _check_volume(path, label, channels=1)
     data = label.data
     if data.is_floating_point() and not bool((data == data.round()).all()):

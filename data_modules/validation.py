@@ -9,9 +9,10 @@ A case is checked on its raw files, in an order that never reads what cannot be 
    spacing positive and plausible, size plausible both as stored and after resampling to the
    preset's spacing, and large enough for the ROI. A header claiming 100000³ voxels or a spacing
    of 1e6 mm is rejected here, before anything allocates or resamples it;
-3. the voxels (through :func:`~data_modules.sources.read_image`, which also catches truncated or
-   corrupt files): finite - floating-point NIfTI files are read again with NiBabel for this, as
-   ITK's reader silently turns NaN and Inf into 0 -, not constant, something above the foreground
+3. the voxels (through :func:`~data_modules.sources.read_image_as_stored`, which also catches
+   truncated or corrupt files on the same decode): finite - as ITK's reader silently turns NaN and
+   Inf into 0, a floating-point NIfTI file whose decode does not reproduce the stored bytes is read
+   again with NiBabel for this -, not constant, something above the foreground
    threshold when the preset crops to the foreground;
 4. a label map: the same file and header checks, the same geometry as its image (size, spacing,
    origin, direction, within ``geometry_atol`` mm / ``geometry_rtol``), integer values in the
@@ -57,7 +58,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -71,7 +71,7 @@ from .sources import (
     DataSourceError,
     _is_dicom_file,
     image_suffix,
-    read_image,
+    read_image_as_stored,
     read_label,
 )
 
@@ -323,16 +323,6 @@ def _checked_header(path: Path, settings: ValidationSettings, report: CaseReport
     return None if problems else header
 
 
-def _stored_voxels(path: Path, image: Any) -> torch.Tensor:
-    """The voxels as stored. ITK's NIfTI reader (which TorchIO uses) turns NaN and Inf into 0, so
-    floating-point NIfTI files are read again through NiBabel, which keeps them."""
-    if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
-        stored = nib.load(str(path))
-        if np.issubdtype(stored.get_data_dtype(), np.floating):
-            return torch.from_numpy(np.asanyarray(stored.dataobj))
-    return image.data
-
-
 def _check_voxels(path: Path, data: torch.Tensor, settings: ValidationSettings, report: CaseReport) -> None:
     if data.is_floating_point():
         nan, inf = int(torch.isnan(data).sum()), int(torch.isinf(data).sum())
@@ -416,7 +406,7 @@ def inspect_case(case: Case, settings: ValidationSettings) -> tuple[CaseReport, 
     image = label = None
     if image_header is not None or (not report.problems and image_path.is_dir()):
         try:
-            image = read_image(image_path, channels=settings.channels)
+            image, voxels = read_image_as_stored(image_path, channels=settings.channels)
         except DataSourceError as error:
             report.problems.append(str(error))
         else:
@@ -426,7 +416,6 @@ def inspect_case(case: Case, settings: ValidationSettings) -> tuple[CaseReport, 
                     report.add(image_path, problem)
             report.shape = list(image.spatial_shape)
             report.spacing = [float(s) for s in image.spacing]
-            voxels = _stored_voxels(image_path, image)
             for check in IMAGE_CHECKS:
                 check(image_path, voxels, settings, report)
     if case.label is not None:

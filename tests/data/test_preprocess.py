@@ -9,13 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from volume_files import write_image
+from volume_files import ct_volume, write_image
 
 from data_modules import PretrainDataModule
 from data_modules.cache import IMAGE_FILE, META_FILE
 from data_modules.phantoms import ensure_phantom_cohort
-from data_modules.prepare import shard_cases
+from data_modules.prepare import prepare_cases, shard_cases
+from data_modules.presets import preset
 from data_modules.sources import Case, DataSourceError
+from data_modules.validation import ValidationSettings
 from lightning_mim.cli import main
 from lightning_mim.preprocess import parse_shard
 from lightning_mim.reliability.check_data import data_module_from_args
@@ -124,3 +126,22 @@ def test_a_case_failing_in_preprocessing_after_passing_the_checks_is_a_bad_case(
     assert [v.case_id for v in module.train_volumes] == ["good"]
     (skipped,) = module.skipped_cases
     assert skipped["case_id"] == "flat" and skipped["problems"][0].startswith(f"{flat}: z-score impossible")
+
+
+def test_a_cold_preparation_inflates_every_file_once(tmp_path, inflations):
+    """Checks (completeness, header, voxels, labels) and preprocessing share one inflate per file;
+    a float image too (NaN / Inf checks), an int16 one, and their label maps."""
+    cases = []
+    for index, dtype in enumerate((np.int16, np.float32)):
+        volume = ct_volume((40, 36, 24), seed=index)
+        cases.append(Case(f"case_{index}", write_image(tmp_path / f"image_{index}.nii.gz", volume.astype(dtype)),
+                          write_image(tmp_path / f"label_{index}.nii.gz", (volume > 0).astype(np.uint8))))
+    preprocessing = preset("ct_abdomen_btcv")
+    settings = ValidationSettings.for_preprocessing(preprocessing, roi_size=(16, 16, 16), num_classes=2)
+
+    outcomes = prepare_cases(cases, settings, preprocessing, tmp_path / "cache")
+
+    assert [outcome.action for outcome in outcomes] == ["written", "written"]
+    for case in cases:
+        for path in (case.image, case.label):
+            assert inflations(path) == pytest.approx(1.0, abs=0.02), path

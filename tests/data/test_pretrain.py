@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+
 import lightning as L
 import numpy as np
 import pytest
@@ -197,6 +199,40 @@ def test_queue_workers_receive_importable_lazy_subjects(make_module):
     module = make_module(val_fraction=0, num_workers=1)
     batches = _epoch(module.train_dataloader())
     assert len(batches) == 4 and all(b["image"].shape == (2, 1, 16, 16, 16) for b in batches)
+
+
+def test_queue_workers_outlive_the_epoch_and_the_batches_stay_those_of_an_in_process_loader(make_module):
+    """The subject-loading workers started in epoch 0 serve the later epochs (none is started per
+    epoch), and every epoch's batches - after an epoch left early too, and on resume - are exactly
+    those of a loader without workers."""
+    def run_epoch(module, loader, number, batches=None):
+        module.set_epoch(number)
+        taken = []
+        for batch in loader:
+            taken.append((batch["case_id"], batch["image"].clone()))
+            if len(taken) == batches:
+                break
+        return taken
+
+    reference_module = make_module(val_fraction=0)
+    reference_loader = reference_module.build_train_loader()
+    reference = [run_epoch(reference_module, reference_loader, number) for number in range(3)]
+
+    module = make_module(val_fraction=0, num_workers=2)
+    loader = module.build_train_loader()
+    already_running = {process.pid for process in multiprocessing.active_children()}
+    epochs = [run_epoch(module, loader, 0)]
+    workers = {process.pid for process in multiprocessing.active_children()} - already_running
+    run_epoch(module, loader, 1, batches=1)  # left early: the workers drop what they had prefetched
+    epochs += [run_epoch(module, loader, 1), run_epoch(module, loader, 2)]
+    loader.load_state_dict({"epoch": 2, "batches": 1})
+    resumed = run_epoch(module, loader, 2)
+
+    assert len(workers) == 2
+    assert {process.pid for process in multiprocessing.active_children()} - already_running == workers
+    for ours, expected in zip([*epochs, resumed], [*reference, reference[2][1:]], strict=True):
+        assert len(ours) == len(expected) >= 3
+        assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(ours, expected))
 
 
 class _MeanModel(L.LightningModule):

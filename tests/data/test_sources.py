@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import locale
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+import torchio as tio
 from volume_files import ct_volume, write_dicom_series, write_image
 
 from data_modules import (
@@ -20,6 +23,7 @@ from data_modules import (
     read_label,
     split_by_subject,
 )
+from data_modules.sources import read_image_as_stored
 
 SERIES_A = "1.2.826.0.1.3680043.2.1125.2"
 SERIES_B = "1.2.826.0.1.3680043.2.1125.3"
@@ -218,6 +222,49 @@ def test_truncated_uncompressed_nifti_is_rejected(tmp_path):
 
     with pytest.raises(DataSourceError, match=r"file is truncated: \d+ bytes of data, the header needs \d+"):
         read_image(bad)
+
+
+def nifti_gz(path, array, endianness="<", slope=1.0, inter=0.0):
+    image = nib.Nifti1Image(array, np.diag([0.8, 0.9, 2.5, 1.0]), header=nib.Nifti1Header(endianness=endianness))
+    image.header.set_slope_inter(slope, inter)
+    image.set_data_dtype(array.dtype)  # as given, also when scaled
+    nib.save(image, str(path))
+    return path
+
+
+@pytest.mark.parametrize("stored", ["int16", "uint16", "float32", "big-endian", "scaled", "two-channel"])
+def test_a_nii_gz_is_inflated_once_and_read_as_torchio_reads_it(tmp_path, stored, inflations):
+    volume = ct_volume((40, 36, 24))
+    array, layout, channels = {
+        "int16": (volume, {}, 1),
+        "uint16": ((volume + 1024).astype(np.uint16), {}, 1),
+        "float32": (volume.astype(np.float32) / 7, {}, 1),
+        "big-endian": (volume, {"endianness": ">"}, 1),
+        "scaled": ((volume + 1024).astype(np.uint16), {"inter": -1024.0}, 1),
+        "two-channel": (np.stack([volume, volume // 2], axis=-1), {}, 2),
+    }[stored]
+    path = nifti_gz(tmp_path / "volume.nii.gz", array, **layout)
+
+    image, voxels = read_image_as_stored(path, channels)
+    assert inflations(path) == pytest.approx(1.0, abs=0.02)  # checked complete on the same inflate
+    reference = tio.ScalarImage(path)
+    reference.load()
+    assert image.data.dtype == reference.data.dtype and torch.equal(image.data, reference.data)
+    assert image.data.is_contiguous() and np.array_equal(image.affine, reference.affine)
+    assert image.path == path and voxels is image.data
+
+
+def test_nan_in_a_float_nii_gz_reaches_the_checks_and_an_odd_but_whole_stream_is_read(tmp_path):
+    array = ct_volume((40, 36, 24)).astype(np.float32)
+    array[3, 4, 5] = np.nan
+    image, voxels = read_image_as_stored(nifti_gz(tmp_path / "nan.nii.gz", array))
+    assert int(torch.isnan(voxels).sum()) == 1 and not torch.isnan(image.data).any()  # ITK zeroes NaN
+
+    whole = nifti_gz(tmp_path / "whole.nii.gz", ct_volume((40, 36, 24)))
+    raw = gzip.decompress(whole.read_bytes())
+    two_members = tmp_path / "two_members.nii.gz"  # valid gzip, but the trailer covers only the second part
+    two_members.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    assert torch.equal(read_image(two_members).data, read_image(whole).data)
 
 
 def test_missing_path_2d_image_and_4d_image_errors(tmp_path):
