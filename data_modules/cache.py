@@ -10,8 +10,8 @@ with the number of volumes.
 The key hashes the resolved source paths with their sizes and ``mtime_ns`` (every file of a DICOM
 folder, and the data file of an ``.mhd``), the preprocessing settings and the channel count: a
 touched file or a changed setting yields a new entry. Files are written to temporaries, fsync'ed and
-moved into place with ``os.replace`` (:func:`lightning_mim.run_files.atomic_write`), ``meta.json`` last, so an entry is complete when ``meta.json``
-exists. A writer holds an advisory lock on the entry (``flock`` on
+moved into place with ``os.replace`` (:func:`lightning_mim.run_files.atomic_write`), ``meta.json``
+last, so an entry is complete when ``meta.json`` exists. A writer holds an advisory lock on the entry (``flock`` on
 ``<cache_dir>/.locks/<entry>.lock``, released by the kernel if the process dies) while it checks and writes, so concurrent writers - the ranks of
 a node, two runs, the tasks of a SLURM array on a shared file system - never write one entry
 twice: the second finds the entry the first finished and reuses it. (NFS v4 supports ``flock``;
