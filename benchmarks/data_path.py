@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import MemorySampler, markdown_table, ratio, run_isolated, table, target
+from lightning_mim.run_files import atomic_path
 
 #: The preprocessing every pipeline applies (ours as a Preprocessing, the others as transforms).
 PREPROCESSING = dict(modality="ct", orientation="RAS", spacing=(1.5, 1.5, 2.0), intensity="window",
@@ -130,9 +131,8 @@ def ensure_synthetic_cts(count: int, shape: tuple[int, int, int], spacing: tuple
         if not path.is_file():
             image = nib.Nifti1Image(synthetic_ct(shape, spacing, seed * 1000 + index), affine)
             image.header.set_xyzt_units("mm")
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
-            nib.save(image, temporary)
-            os.replace(temporary, path)
+            with atomic_path(path, keep_suffixes=True) as temporary:  # nibabel picks the format from the name
+                nib.save(image, temporary)
         paths.append(path)
     return paths
 

@@ -122,7 +122,8 @@ def spec_named(name: str) -> MethodSpec:
 # --------------------------------------------------------------------------- building one step
 def stub_trainer() -> SimpleNamespace:
     """What the modules read from a Trainer during a step (schedules, teacher momentum)."""
-    return SimpleNamespace(estimated_stepping_batches=10_000, max_epochs=100, num_training_batches=100,
+    return SimpleNamespace(max_steps=-1, max_epochs=100, num_training_batches=100, accumulate_grad_batches=1,
+                           estimated_stepping_batches=10_000,
                            global_step=0, global_rank=0, current_epoch=0, datamodule=None)
 
 

@@ -9,9 +9,9 @@ with the number of volumes.
 
 The key hashes the resolved source paths with their sizes and ``mtime_ns`` (every file of a DICOM
 folder, and the data file of an ``.mhd``), the preprocessing settings and the channel count: a
-touched file or a changed setting yields a new entry. Files are written to temporaries and moved
-into place with ``os.replace``, ``meta.json`` last, so an entry is complete when ``meta.json``
-exists. A writer holds an advisory lock on the entry (``flock`` on
+touched file or a changed setting yields a new entry. Files are written to temporaries, fsync'ed and
+moved into place with ``os.replace`` (:func:`lightning_mim.run_files.atomic_write`), ``meta.json``
+last, so an entry is complete when ``meta.json`` exists. A writer holds an advisory lock on the entry (``flock`` on
 ``<cache_dir>/.locks/<entry>.lock``, released by the kernel if the process dies) while it checks and writes, so concurrent writers - the ranks of
 a node, two runs, the tasks of a SLURM array on a shared file system - never write one entry
 twice: the second finds the entry the first finished and reuses it. (NFS v4 supports ``flock``;
@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -40,6 +39,8 @@ from typing import Literal, TypeVar
 import numpy as np
 import torch
 import torchio as tio
+
+from lightning_mim.run_files import atomic_write
 
 from .presets import Preprocessing, PreprocessingError
 from .sources import Case, DataSourceError, read_image, read_label
@@ -301,17 +302,6 @@ def _label_array(label: torch.Tensor, where: Path) -> np.ndarray:
     return values.numpy().astype(dtype)
 
 
-def _atomic_write(path: Path, write: Callable[[object], None]) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def preprocess_case(
     case: Case,
     preprocessing: Preprocessing,
@@ -351,9 +341,9 @@ def preprocess_case(
 
     directory = entry_dir(cache_dir, case, key)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / IMAGE_FILE, lambda handle: np.save(handle, np.ascontiguousarray(stored)))
+    atomic_write(directory / IMAGE_FILE, lambda handle: np.save(handle, np.ascontiguousarray(stored)))
     if label_array is not None:
-        _atomic_write(directory / LABEL_FILE, lambda handle: np.save(handle, np.ascontiguousarray(label_array)))
+        atomic_write(directory / LABEL_FILE, lambda handle: np.save(handle, np.ascontiguousarray(label_array)))
     processed = _geometry(subject["image"])
     meta = {
         "format": CACHE_FORMAT_VERSION,
@@ -384,7 +374,7 @@ def preprocess_case(
     }
     if checks is not None:
         meta["validation"]["checks"] = checks
-    _atomic_write(directory / META_FILE, lambda handle: handle.write(json.dumps(meta, indent=1).encode()))
+    atomic_write(directory / META_FILE, json.dumps(meta, indent=1))
     (directory / CHECKS_FILE).unlink(missing_ok=True)  # its content now lives in the sidecar
     label_path = directory / LABEL_FILE if label_array is not None else None
     return CachedVolume(case_id=case.case_id, image=directory / IMAGE_FILE, label=label_path, meta=meta)
@@ -545,8 +535,8 @@ def record_validation(directory: Path, checks: dict) -> None:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(directory / CHECKS_FILE, lambda handle: handle.write(json.dumps(checks, indent=1).encode()))
+        atomic_write(directory / CHECKS_FILE, json.dumps(checks, indent=1))
         return
     if (meta.get("validation") or {}).get("checks") != checks:
         meta.setdefault("validation", {})["checks"] = checks
-        _atomic_write(path, lambda handle: handle.write(json.dumps(meta, indent=1).encode()))
+        atomic_write(path, json.dumps(meta, indent=1))

@@ -36,6 +36,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from lightning_mim.run_files import atomic_write
+
 ORGAN_NAMES = ("liver", "spleen", "right_kidney", "left_kidney", "aorta", "stomach", "pancreas", "spine")
 GENERATOR_VERSION = 2
 #: Ranges of the between-case variability (body units: the body ellipse has half-axes 1).
@@ -237,12 +239,6 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     return gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
 
 
-def _write_atomic(path: Path, content: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(content)
-    os.replace(temporary, path)
-
-
 def _cohort_folder(root: Path, num_cases: int, shape, spacing, seed: int) -> Path:
     size = "x".join(str(n) for n in shape)
     voxel = "x".join(f"{s:g}" for s in spacing)
@@ -305,7 +301,7 @@ def ensure_phantom_cohort(
         hu, labels = generate_phantom(shape, spacing, np.random.default_rng(case_seed), lesions)
         for sub, array in (("imagesTr", hu), ("labelsTr", labels)):
             content = _nifti_bytes(array, affine)
-            _write_atomic(folder / sub / name, content)
+            atomic_write(folder / sub / name, content)
             digests[f"{sub}/{name}"] = hashlib.sha256(content).hexdigest()
         if report is not None:
             report(f"phantom cohort: wrote case {index + 1}/{num_cases} to {folder}")
@@ -320,8 +316,8 @@ def ensure_phantom_cohort(
         "training": [{"image": f"./imagesTr/{n}", "label": f"./labelsTr/{n}"} for n in names],
         "test": [],
     }
-    _write_atomic(datalist, json.dumps(description, indent=1).encode())
-    _write_atomic(folder / MANIFEST, json.dumps({"parameters": parameters, "sha256": digests}, indent=1).encode())
+    atomic_write(datalist, json.dumps(description, indent=1))
+    atomic_write(folder / MANIFEST, json.dumps({"parameters": parameters, "sha256": digests}, indent=1))
     return datalist
 
 
@@ -364,6 +360,6 @@ def ensure_phantom_pools(
         path = datalist.parent / POOL_DATALISTS[name]
         text = json.dumps(pool, indent=1)
         if not path.is_file() or path.read_text() != text:
-            _write_atomic(path, text.encode())
+            atomic_write(path, text)
         paths[name] = path
     return paths

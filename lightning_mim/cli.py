@@ -38,6 +38,7 @@ from lightning_mim.reliability.run_identity import (
     record_changes,
     saved_config,
 )
+from lightning_mim.run_files import atomic_write, run_directory
 
 # Project commands that are not Trainer stages: name → "module:function(argv)".
 EXTRA_COMMANDS: dict[str, str] = {
@@ -96,8 +97,6 @@ class SaveConfigToRun(SaveConfigCallback):
     """
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from lightning_mim.callbacks.panels import run_directory
-
         text = self.parser.dump(self.config, skip_none=False)
         folder = run_directory(trainer)  # save_config runs on rank 0 only
         # Never over another config of the run: a later stage (or an allowed resume with changes)
@@ -105,8 +104,7 @@ class SaveConfigToRun(SaveConfigCallback):
         stage_name = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
         path = config_path_for(folder, stage_name, text) if trainer.is_global_zero else None
         if path is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            atomic_write(path, text)  # auto-resume compares it with later commands: never half a file
             key = "lightning_config" if path.name == self.config_filename else path.stem.replace(".", "_")
             for logger in trainer.loggers:
                 experiment = getattr(logger, "experiment", None)

@@ -22,6 +22,8 @@ from typing import Any
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from lightning_mim.run_files import atomic_write
+
 RUN_ID_FILE = "wandb_run_id.txt"
 
 
@@ -72,11 +74,7 @@ def resolve_run_id(save_dir: str | Path, project: str, explicit: str | None = No
         raise ValueError(f"W&B run id {run_id!r} may only contain letters, digits, '-' and '_'")
     if rank_zero_only.rank > 0:
         return run_id
-    path = Path(save_dir) / RUN_ID_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{RUN_ID_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, path)
+    atomic_write(Path(save_dir) / RUN_ID_FILE, run_id + "\n")
     return run_id
 
 

@@ -191,8 +191,7 @@ def test_warmup_steps_override_warmup_epochs():
     from types import SimpleNamespace
 
     model = HybridMIM(**TINY_UNET, lr=1e-4, warmup_steps=500, warmup_epochs=3)
-    model.trainer = SimpleNamespace(estimated_stepping_batches=100_000, max_epochs=-1, num_training_batches=11)
-    assert model.total_and_warmup_steps() == (100_000, 500)
+    model.trainer = SimpleNamespace(max_steps=100_000, max_epochs=-1, num_training_batches=11, accumulate_grad_batches=1)
     scheduler = model.configure_optimizers()["lr_scheduler"]["scheduler"]
     factors = [scheduler.lr_lambdas[0](step) for step in (0, 250, 500, 50_250, 100_000)]
     assert factors == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0], abs=1e-6)

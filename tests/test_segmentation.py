@@ -129,14 +129,15 @@ def test_paired_folders(tmp_path):
 
 
 # --------------------------------------------------------------------------- the module
-def _fake_trainer(total_steps: int, epochs: int) -> types.SimpleNamespace:
-    return types.SimpleNamespace(estimated_stepping_batches=total_steps, max_epochs=epochs)
+def _fake_trainer(steps_per_epoch: int, epochs: int) -> types.SimpleNamespace:
+    return types.SimpleNamespace(max_steps=-1, max_epochs=epochs, num_training_batches=steps_per_epoch,
+                                 accumulate_grad_batches=1)
 
 
 def test_layer_decay_and_encoder_freeze():
     model = SegmentationModule(num_classes=3, network_kwargs=TINY_UNETR, roi_size=32, lr=1e-3, layer_decay=0.5,
                                warmup_epochs=0, freeze_encoder_epochs=2)
-    model._trainer = _fake_trainer(total_steps=40, epochs=10)  # 4 steps per epoch → encoder frozen for 8 steps
+    model._trainer = _fake_trainer(steps_per_epoch=4, epochs=10)  # encoder frozen for 8 steps
     groups = model.parameter_groups()
     scales = {g["lr_scale"] for g in groups if g["encoder"]}
     assert max(scales) == 0.5 and min(scales) == pytest.approx(0.5**14)

@@ -126,10 +126,12 @@ def test_adding_a_method_example_is_true_code(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------
 # The one-way import rule (README, "Architecture"): blocks → nothing above them; methods → blocks;
-# data modules never know a method; the CLI layer → everything.
+# data modules never know a method; the CLI layer → everything; everyone → run_files → nothing.
 
 BLOCKS = ("lightning_mim.backbones", "lightning_mim.masking", "lightning_mim.heads", "lightning_mim.losses",
-          "lightning_mim.teachers", "lightning_mim.schedules", "lightning_mim.corruption")
+          "lightning_mim.teachers", "lightning_mim.schedules", "lightning_mim.corruption", "lightning_mim.optimisation")
+# Below every layer, data modules included: helpers that import nothing of the project (run files).
+FOUNDATION = ("lightning_mim.run_files",)
 # What a method may import besides blocks: the shared method bases, never another method.
 METHOD_BASES = ("lightning_mim.methods.base", "lightning_mim.methods.guided_schedules")
 # Layers that may import anything (commands, callbacks, loggers, reliability glue).
@@ -142,11 +144,7 @@ TOP = ("lightning_mim.cli", "lightning_mim.__main__", "lightning_mim.demo", "lig
 KNOWN_EXCEPTIONS = {
     # SelfMedHPM extends MAE3D until a shared MAE/teacher–student base exists.
     ("lightning_mim.methods.selfmedhpm", "lightning_mim.methods.mae"),
-    # run_directory lives in the panels callback until the run-file helpers get one home.
-    ("lightning_mim.segmentation.module", "lightning_mim.callbacks.panels"),
-    # NO_DECAY_KEYWORDS: until pre-training and segmentation share one optimiser builder.
-    ("lightning_mim.segmentation.module", "lightning_mim.methods.base"),
-    # EncoderExport (and MIMModule for checkpoints) live with the method base.
+    # ExportedEncoder (and MIMModule for checkpoints) live with the method base.
     ("lightning_mim.segmentation.weights", "lightning_mim.methods.base"),
 }
 
@@ -173,7 +171,9 @@ def project_imports() -> set[tuple[str, str]]:
 
 
 def allowed(importer: str, imported: str) -> bool:
-    if _within(importer, TOP):
+    if _within(importer, FOUNDATION):
+        return False
+    if _within(importer, TOP) or _within(imported, FOUNDATION):
         return True
     if _within(imported, ("lightning_mim",)) and imported.count(".") == 0:
         return True  # the package root itself
@@ -207,6 +207,10 @@ def test_imports_run_one_way():
         (("data_modules.pretrain", "lightning_mim.methods.mae"), False),
         (("lightning_mim.masking.grid", "lightning_mim.cli"), False),
         (("lightning_mim.cli", "lightning_mim.methods.mae"), True),
+        (("data_modules.cache", "lightning_mim.run_files"), True),
+        (("lightning_mim.run_files", "lightning_mim.schedules"), False),
+        (("lightning_mim.segmentation.module", "lightning_mim.optimisation"), True),
+        (("lightning_mim.optimisation", "lightning_mim.segmentation.networks"), False),
     ],
 )
 def test_layer_rule_itself(edge, ok):

@@ -11,8 +11,8 @@ from lightning_mim.backbones.cnn import STUNetEncoder
 from lightning_mim.backbones.swin import MaskedSwinEncoder
 from lightning_mim.backbones.unet import UNet3D
 from lightning_mim.backbones.vit import ViT3D, unetr_encoder_export
-from lightning_mim.callbacks.export import EncoderExport as EncoderExportCallback
-from lightning_mim.methods.base import EncoderExport
+from lightning_mim.callbacks.export import EncoderExport
+from lightning_mim.methods.base import ExportedEncoder
 from lightning_mim.methods.mae import MAE3D
 from lightning_mim.segmentation.module import SegmentationModule, resolve_network
 from lightning_mim.segmentation.networks import ViTUNETR, build_network, layer_ids, skip_blocks
@@ -129,7 +129,7 @@ def test_a_shallow_vit_is_fine_tuned_with_the_any_depth_unetr_chosen_from_the_fi
 def test_swin_export_round_trips_into_monai_swinunetr(tmp_path):
     torch.manual_seed(0)
     encoder = MaskedSwinEncoder.from_config("swin_smit", img_size=32, feature_size=12, depths=(1, 1, 1, 1))
-    export = EncoderExport("swin_unetr", encoder.swin_unetr_state_dict(), encoder.swin_unetr_kwargs(), {"method": "smit"})
+    export = ExportedEncoder("swin_unetr", encoder.swin_unetr_state_dict(), encoder.swin_unetr_kwargs(), {"method": "smit"})
     path = save_encoder(EncoderFile(export.state_dict, encoder_metadata(export)), tmp_path / "swin.pt")
     file = read_encoder_file(path)
     kwargs = {k: v for k, v in file.network_kwargs.items() if k != "in_channels"}
@@ -145,7 +145,7 @@ def test_swin_export_round_trips_into_monai_swinunetr(tmp_path):
 
 def test_cnn_exports_load_into_the_project_networks(tmp_path):
     stunet = STUNetEncoder(1, (8, 16, 32, 64, 64))  # AnatoMask exports the bare encoder keys
-    export = EncoderExport("stunet_encoder", stunet.state_dict(), stunet.network_kwargs(), {"method": "anatomask"})
+    export = ExportedEncoder("stunet_encoder", stunet.state_dict(), stunet.network_kwargs(), {"method": "anatomask"})
     net = build_network("stunet_encoder", 1, 3, 32, **{k: v for k, v in export.network_kwargs.items() if k != "in_channels"})
     report = load_pretrained(net, EncoderFile(export.state_dict, encoder_metadata(export)), log=None)
     assert report.ok and all(torch.equal(net.encoder.state_dict()[k], v) for k, v in stunet.state_dict().items())
@@ -154,7 +154,7 @@ def test_cnn_exports_load_into_the_project_networks(tmp_path):
     unet = UNet3D(1, 1, channels=(8, 8, 16, 16, 32), strides=(2, 2, 2, 1))  # HybridMIM: encoder + decoder, no head
     state = {k: v for k, v in unet.state_dict().items() if not k.startswith("decoder.out.")}
     kwargs = {"in_channels": 1, "channels": [8, 8, 16, 16, 32], "strides": [2, 2, 2, 1], "dropout": 0.1}
-    export = EncoderExport("hybridmim_unet", state, kwargs, {"method": "hybridmim"})
+    export = ExportedEncoder("hybridmim_unet", state, kwargs, {"method": "hybridmim"})
     target = build_network("hybridmim_unet", 1, 5, 32, **{k: v for k, v in kwargs.items() if k != "in_channels"})
     report = load_pretrained(target, EncoderFile(export.state_dict, encoder_metadata(export)), log=None)
     assert report.ok and sorted(report.from_scratch) == ["decoder.out.conv.conv.bias", "decoder.out.conv.conv.weight"]
@@ -287,10 +287,10 @@ def test_export_from_a_checkpoint_and_load_pretrained_from_the_checkpoint(tmp_pa
 
 
 def test_export_callback_writes_the_file_and_warns_when_the_method_cannot_export(tmp_path):
-    callback = EncoderExportCallback()
+    callback = EncoderExport()
     _fit_one_step(tiny_mae(), tmp_path / "ok", [callback])
     assert read_encoder_file(callback.path).target == "unetr"
-    fine_patches = EncoderExportCallback()
+    fine_patches = EncoderExport()
     torch.manual_seed(0)
     model = MAE3D(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, decoder_dim=24, decoder_depth=1,
                   decoder_heads=2)

@@ -8,7 +8,7 @@ import lightning as L
 import yaml
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_mim.callbacks.panels import run_directory
+from lightning_mim.run_files import run_directory
 
 
 class EncoderExport(L.Callback):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 import numpy as np
 from matplotlib import colormaps
 from torch import Tensor
+
+from lightning_mim.run_files import run_directory
 
 HEAT_PREFIX = "heat/"
 
@@ -94,15 +94,7 @@ class TriplanarPanels(L.Callback):
         if self.save_png:
             from PIL import Image
 
-            folder = Path(run_directory(trainer)) / "panels"
+            folder = run_directory(trainer) / "panels"
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image).save(folder / f"step_{step:07d}.png")
 
-
-def run_directory(trainer: L.Trainer) -> Path:
-    """The per-run folder ``<save_dir>/<name>/<version>`` (where ModelCheckpoint puts ``checkpoints/``)."""
-    if trainer.loggers:
-        logger = trainer.loggers[0]
-        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-        return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
-    return Path(trainer.default_root_dir)

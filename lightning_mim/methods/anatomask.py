@@ -25,7 +25,7 @@ from lightning_mim.masking.grid import patchify, unflatten_mask, upsample_mask
 from lightning_mim.masking.guided import guided_mask
 from lightning_mim.masking.random import num_masked, random_mask
 from lightning_mim.masking.visuals import reconstruction_visuals
-from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput
+from lightning_mim.methods.base import ExportedEncoder, MIMModule, StepOutput
 from lightning_mim.methods.guided_schedules import GuidedMaskingSchedules
 from lightning_mim.schedules import DifficultyKind, epochs_in
 from lightning_mim.teachers import EMATeacher
@@ -181,7 +181,7 @@ class AnatoMask(GuidedMaskingSchedules, MIMModule):
         return upsample_mask(unflatten_mask(per_cell.detach().float(), self.grid), self.cell).unsqueeze(1)
 
     # ------------------------------------------------------------------ export
-    def export_encoder(self) -> EncoderExport:
+    def export_encoder(self) -> ExportedEncoder:
         """Dense STU-Net encoder weights (this project's :class:`STUNetEncoder` keys) and its constructor args."""
         dense = self.network.encoder.encoder
         state_dict = {key: value.detach().clone() for key, value in dense.state_dict().items()}
@@ -191,4 +191,4 @@ class AnatoMask(GuidedMaskingSchedules, MIMModule):
             "mask_cell": self.cell,
             "mask_ratio": self.hparams.mask_ratio,
         }
-        return EncoderExport("stunet_encoder", state_dict, dense.network_kwargs(), metadata)
+        return ExportedEncoder("stunet_encoder", state_dict, dense.network_kwargs(), metadata)

@@ -1,8 +1,9 @@
 """The base class every pre-training method derives from.
 
-It owns what methods share: AdamW with parameter groups, linear warm-up + cosine LR sized from the
-trainer's estimated steps, logging of every loss term, image-panel capture, the post-optimizer-step
-hook teachers use, and the epoch hand-off to the data module's subject sampler. A method only
+It owns what methods share: AdamW with parameter groups and linear warm-up + cosine LR over the
+run's optimizer steps (:mod:`lightning_mim.optimisation`, shared with fine-tuning), logging of every
+loss term, image-panel capture, the post-optimizer-step hook teachers use, and the epoch hand-off to
+the data module's subject sampler. A method only
 implements :meth:`MIMModule.shared_step` (and :meth:`MIMModule.export_encoder`).
 """
 
@@ -12,13 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
-import torch
 from torch import Tensor
 
 from lightning_mim.backbones.unet import UNet3D
-from lightning_mim.schedules import warmup_cosine
-
-NO_DECAY_KEYWORDS = ("pos_embed", "position_embeddings", "cls_token", "mask_token", "relative_position_bias_table")
+from lightning_mim.optimisation import adamw_warmup_cosine, parameter_groups, trainer_run_length
 
 
 @dataclass
@@ -36,8 +34,12 @@ class StepOutput:
 
 
 @dataclass
-class EncoderExport:
-    """An encoder in the key layout of its target segmentation network, ready to be saved."""
+class ExportedEncoder:
+    """An encoder in the key layout of its target segmentation network, ready to be saved.
+
+    What :meth:`MIMModule.export_encoder` returns; the ``EncoderExport`` callback
+    (:mod:`lightning_mim.callbacks.export`) saves it at the end of pre-training.
+    """
 
     target: str
     state_dict: dict[str, Tensor]
@@ -45,12 +47,12 @@ class EncoderExport:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def unet_export(network: UNet3D, method: str, metadata: dict[str, Any], dropout: float) -> EncoderExport:
+def unet_export(network: UNet3D, method: str, metadata: dict[str, Any], dropout: float) -> ExportedEncoder:
     """Encoder **and** decoder of a :class:`UNet3D` without its output layer (the class count differs)."""
     state = {k: v.detach().clone() for k, v in network.state_dict().items() if not k.startswith("decoder.out.")}
     kwargs = {"in_channels": network.encoder.stem.conv_0.conv.in_channels, "channels": list(network.encoder.channels),
               "strides": list(network.encoder.strides), "dropout": dropout}
-    return EncoderExport("hybridmim_unet", state, kwargs, {"method": method, **metadata})
+    return ExportedEncoder("hybridmim_unet", state, kwargs, {"method": method, **metadata})
 
 
 class MIMModule(L.LightningModule):
@@ -103,7 +105,7 @@ class MIMModule(L.LightningModule):
     def shared_step(self, batch: dict[str, Any]) -> StepOutput:
         raise NotImplementedError
 
-    def export_encoder(self) -> EncoderExport:
+    def export_encoder(self) -> ExportedEncoder:
         raise NotImplementedError(f"{type(self).__name__} does not export an encoder")
 
     def after_optimizer_step(self) -> None:
@@ -185,33 +187,12 @@ class MIMModule(L.LightningModule):
         return not (scaled and getattr(trainer, "gradient_clip_val", None))
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            skip = param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_KEYWORDS)
-            (no_decay if skip and self.hparams.exclude_from_weight_decay else decay).append(param)
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
-
-    def total_and_warmup_steps(self) -> tuple[int, int]:
-        total = int(self.trainer.estimated_stepping_batches)
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
-        steps_per_epoch = total / epochs if epochs else float(self.trainer.num_training_batches or total)
-        if self.hparams.get("warmup_steps") is not None:
-            return total, int(self.hparams.warmup_steps)
-        return total, int(round(self.hparams.warmup_epochs * steps_per_epoch))
+        return parameter_groups(self.named_parameters(), self.hparams.weight_decay,
+                                self.hparams.exclude_from_weight_decay)
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas),
-                                      fused=self._use_fused_optimizer())
-        total, warmup = self.total_and_warmup_steps()
-
-        def factor(step: int) -> float:
-            return warmup_cosine(step, total, warmup, 1.0, hp.min_lr / hp.lr, hp.warmup_start_lr / hp.lr)
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(self.parameter_groups(), trainer_run_length(self.trainer), hp.lr, hp.betas,
+                                   warmup_epochs=hp.warmup_epochs, warmup_steps=hp.get("warmup_steps"),
+                                   warmup_start_lr=hp.warmup_start_lr, min_lr=hp.min_lr,
+                                   fused=self._use_fused_optimizer())

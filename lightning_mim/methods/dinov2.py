@@ -20,7 +20,7 @@ from lightning_mim.losses.dinov2 import (
 )
 from lightning_mim.losses.distillation import DistillationCE, collapse_monitors
 from lightning_mim.masking.block import dinov2_masks
-from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput
+from lightning_mim.methods.base import ExportedEncoder, MIMModule, StepOutput
 from lightning_mim.schedules import cosine_momentum, teacher_temperature
 from lightning_mim.teachers import EMATeacher
 
@@ -247,9 +247,9 @@ class DINOv2(MIMModule):
     def after_optimizer_step(self) -> None:
         self.teacher.update(self.student, self.teacher_momentum())
 
-    def export_encoder(self) -> EncoderExport:
+    def export_encoder(self) -> ExportedEncoder:
         """The student ViT for MONAI ``UNETR`` (``vit.*``); raises when UNETR cannot hold it (12 blocks, 16³ patches)."""
         state_dict, network_kwargs = unetr_encoder_export(self.encoder)
-        return EncoderExport("unetr", state_dict, network_kwargs,
+        return ExportedEncoder("unetr", state_dict, network_kwargs,
                              {"method": "dinov2_3d", "patch_size": self.encoder.patch_size,
                               "roi_size": list(self.encoder.img_size), "source": "student"})

@@ -52,7 +52,7 @@ from lightning_mim.losses.regions import (
 from lightning_mim.masking.grid import grid_shape, voxel_mask
 from lightning_mim.masking.random import num_masked, random_cell_mask
 from lightning_mim.masking.regions import Fill, fill_masked_voxels, region_grid, region_labels
-from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput
+from lightning_mim.methods.base import ExportedEncoder, MIMModule, StepOutput
 
 Backbone = Literal["swin", "unet"]
 BoxRule = Literal["fixed", "random"]
@@ -312,7 +312,7 @@ class HybridMIM(MIMModule):
                 "heat/mask": voxel_mask(mask[:1], self.mask_cell)}
 
     # ------------------------------------------------------------------ export
-    def export_encoder(self) -> EncoderExport:
+    def export_encoder(self) -> ExportedEncoder:
         """Encoder **and** decoder weights (the output layer excluded: the class count differs).
 
         Swin: MONAI ``SwinUNETR`` key layout (``swinViT.*``, ``encoder1..4``, ``encoder10``,
@@ -327,9 +327,9 @@ class HybridMIM(MIMModule):
         if self.backbone == "swin":
             state_dict = {**self.encoder.swin_unetr_state_dict(), **decoder}
             network_kwargs = {**self.encoder.swin_unetr_kwargs(), "norm_name": "instance", "normalize": True}
-            return EncoderExport("swin_unetr", state_dict, network_kwargs, {**metadata, "swin_config": hp.swin_config})
+            return ExportedEncoder("swin_unetr", state_dict, network_kwargs, {**metadata, "swin_config": hp.swin_config})
         state_dict = {**{f"encoder.{k}": v.detach().clone() for k, v in self.encoder.state_dict().items()},
                       **{f"decoder.{k}": v for k, v in decoder.items()}}
         network_kwargs = {"in_channels": self.in_channels, "channels": list(hp.unet_channels),
                           "strides": list(hp.unet_strides), "dropout": hp.unet_dropout}
-        return EncoderExport("hybridmim_unet", state_dict, network_kwargs, metadata)
+        return ExportedEncoder("hybridmim_unet", state_dict, network_kwargs, metadata)

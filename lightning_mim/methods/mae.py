@@ -12,7 +12,7 @@ from lightning_mim.losses.reconstruction import masked_patch_loss
 from lightning_mim.masking.grid import patchify
 from lightning_mim.masking.random import num_masked, random_mask, visible_indices
 from lightning_mim.masking.visuals import reconstruction_visuals
-from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput
+from lightning_mim.methods.base import ExportedEncoder, MIMModule, StepOutput
 
 
 def masked_indices(mask: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ class MAE3D(MIMModule):
         return StepOutput(losses={"loss": loss, "reconstruction": loss.detach()}, visuals=visuals,
                           scalars={"mask_ratio": mask.float().mean()})
 
-    def export_encoder(self) -> EncoderExport:
+    def export_encoder(self) -> ExportedEncoder:
         """The ViT encoder for MONAI ``UNETR`` (``vit.*`` keys; sin-cos table copied into the learned positions).
 
         Raises with the reason when UNETR cannot hold this ViT (it hard-codes 12 blocks and 16³ patches).
@@ -102,4 +102,4 @@ class MAE3D(MIMModule):
         state_dict, network_kwargs = unetr_encoder_export(self.encoder)
         metadata = {"method": "mae3d", "patch_size": self.encoder.patch_size, "roi_size": list(self.encoder.img_size),
                     "mask_ratio": self.mask_ratio}
-        return EncoderExport("unetr", state_dict, network_kwargs, metadata)
+        return ExportedEncoder("unetr", state_dict, network_kwargs, metadata)

@@ -21,7 +21,7 @@ from lightning_mim.masking.grid import patchify, unflatten_mask, upsample_mask
 from lightning_mim.masking.guided import guided_mask
 from lightning_mim.masking.random import visible_indices
 from lightning_mim.masking.visuals import reconstruction_visuals
-from lightning_mim.methods.base import EncoderExport, StepOutput
+from lightning_mim.methods.base import ExportedEncoder, StepOutput
 from lightning_mim.methods.guided_schedules import GuidedMaskingSchedules
 from lightning_mim.methods.mae import MAE3D
 from lightning_mim.schedules import DifficultyKind, epochs_in
@@ -142,7 +142,7 @@ class SelfMedHPM(GuidedMaskingSchedules, MAE3D):
         losses = {"loss": total, "reconstruction": rec_loss.detach(), "loss_prediction": pred_loss.detach()}
         return StepOutput(losses=losses, visuals=visuals, scalars=scalars)
 
-    def export_encoder(self) -> EncoderExport:
+    def export_encoder(self) -> ExportedEncoder:
         """The student ViT for MONAI ``UNETR`` (see :meth:`MAE3D.export_encoder`)."""
         export = super().export_encoder()
         export.metadata["method"] = "selfmedhpm"

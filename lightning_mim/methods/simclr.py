@@ -11,7 +11,7 @@ from torch import Tensor
 from lightning_mim.backbones.pooled import Backbone, PooledEncoder
 from lightning_mim.heads.projector import MLPProjector, ProjectorNorm
 from lightning_mim.losses.contrastive import nt_xent
-from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput
+from lightning_mim.methods.base import ExportedEncoder, MIMModule, StepOutput
 
 
 def two_views(batch: dict[str, Any], method: str) -> tuple[Tensor, Tensor]:
@@ -92,7 +92,7 @@ class SimCLR3D(MIMModule):
         return StepOutput(losses={"loss": loss, "nt_xent": loss.detach()}, visuals=visuals,
                           scalars={"positive_cosine": cosine})
 
-    def export_encoder(self) -> EncoderExport:
+    def export_encoder(self) -> ExportedEncoder:
         target, state_dict, network_kwargs = self.encoder.export()
-        return EncoderExport(target, state_dict, network_kwargs,
+        return ExportedEncoder(target, state_dict, network_kwargs,
                              {"method": "simclr3d", "backbone": self.encoder.backbone, "img_size": list(self.img_size)})

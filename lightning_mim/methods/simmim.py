@@ -11,7 +11,7 @@ from lightning_mim.heads.pixel_shuffle import LinearPixelShuffleDecoder
 from lightning_mim.losses.reconstruction import masked_voxel_l1
 from lightning_mim.masking.grid import voxel_mask
 from lightning_mim.masking.random import random_cell_mask
-from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput
+from lightning_mim.methods.base import ExportedEncoder, MIMModule, StepOutput
 
 
 class SimMIM3D(MIMModule):
@@ -95,8 +95,8 @@ class SimMIM3D(MIMModule):
         return StepOutput(losses={"loss": loss, "mip": loss.detach()}, visuals=visuals,
                           scalars={"mask_ratio": cell_mask.float().mean()})
 
-    def export_encoder(self) -> EncoderExport:
-        return EncoderExport(
+    def export_encoder(self) -> ExportedEncoder:
+        return ExportedEncoder(
             target="swin_unetr",
             state_dict=self.encoder.swin_unetr_state_dict(),
             network_kwargs=self.encoder.swin_unetr_kwargs(),

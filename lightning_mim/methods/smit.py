@@ -20,7 +20,7 @@ from lightning_mim.losses.distillation import (
 from lightning_mim.losses.reconstruction import masked_voxel_l1
 from lightning_mim.masking.grid import flatten_mask, voxel_mask
 from lightning_mim.masking.random import random_cell_mask
-from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput
+from lightning_mim.methods.base import ExportedEncoder, MIMModule, StepOutput
 from lightning_mim.schedules import cosine_momentum, teacher_temperature
 from lightning_mim.teachers import EMATeacher
 
@@ -270,8 +270,8 @@ class SMIT(MIMModule):
     def after_optimizer_step(self) -> None:
         self.teacher.update(self.student, self.teacher_momentum())
 
-    def export_encoder(self) -> EncoderExport:
-        return EncoderExport(
+    def export_encoder(self) -> ExportedEncoder:
+        return ExportedEncoder(
             target="swin_unetr",
             state_dict=self.encoder.swin_unetr_state_dict(),
             network_kwargs=self.encoder.swin_unetr_kwargs(),

@@ -13,7 +13,7 @@ from lightning_mim.backbones.swin import MaskedSwinEncoder
 from lightning_mim.corruption.swin_ssl import RotationPlane, cutout, random_rotation
 from lightning_mim.heads.upsample import VAEUpsampleHead
 from lightning_mim.losses.contrastive import nt_xent
-from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput
+from lightning_mim.methods.base import ExportedEncoder, MIMModule, StepOutput
 
 ReconstructionWeighting = Literal["all", "corrupted"]
 
@@ -159,8 +159,8 @@ class SwinUNETRSSL(MIMModule):
             scalars={"rotation_accuracy": accuracy, "corrupted_fraction": changed.float().mean()},
         )
 
-    def export_encoder(self) -> EncoderExport:
-        return EncoderExport(
+    def export_encoder(self) -> ExportedEncoder:
+        return ExportedEncoder(
             target="swin_unetr",
             state_dict=self.encoder.swin_unetr_state_dict(),
             network_kwargs=self.encoder.swin_unetr_kwargs(),

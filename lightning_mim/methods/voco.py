@@ -19,7 +19,7 @@ from lightning_mim.losses.voco import (
     overlap_labels,
     position_loss,
 )
-from lightning_mim.methods.base import EncoderExport, MIMModule, StepOutput
+from lightning_mim.methods.base import ExportedEncoder, MIMModule, StepOutput
 from lightning_mim.teachers import EMATeacher
 
 TeacherKind = Literal["none", "projector", "full"]
@@ -271,12 +271,12 @@ class VoCo(MIMModule):
             {"backbone": self.backbone, "projector": self.projector})
         self.teacher.update(source, self.hparams.teacher_momentum)
 
-    def export_encoder(self) -> EncoderExport:
+    def export_encoder(self) -> ExportedEncoder:
         """``swinViT.*`` plus the pre-trained ``encoder1..4``/``encoder10`` blocks, under MONAI ``SwinUNETR`` names."""
         swin = self.backbone.swinViT
         state = swin.swin_unetr_state_dict()
         for name in PYRAMID:
             state.update({f"{name}.{k}": v.detach().clone() for k, v in getattr(self.backbone, name).state_dict().items()})
         kwargs = {**swin.swin_unetr_kwargs(), "norm_name": "instance", "normalize": True}
-        return EncoderExport("swin_unetr", state, kwargs,
+        return ExportedEncoder("swin_unetr", state, kwargs,
                              {"method": "voco", "teacher": self.hparams.teacher, "crop_size": list(self.crop)})

@@ -3,16 +3,15 @@
 Lightning's ``TorchCheckpointIO`` writes through an fsspec transaction whose temporary lives in
 the system temp folder; when that is another file system (a node-local ``/tmp``, a checkpoint
 folder on a network share) the final move is a copy, and a job killed during it leaves a
-truncated ``last.ckpt`` - exactly the file an automatic resume then trips over. Here the
-temporary is created beside the target, flushed to disk, and ``os.replace``'d over it: a reader
-sees the old file or the new one, never a part.
+truncated ``last.ckpt`` - exactly the file an automatic resume then trips over. Here checkpoints go
+through :func:`lightning_mim.run_files.atomic_write`: the temporary is created beside the target,
+flushed to disk, and ``os.replace``'d over it, so a reader sees the old file or the new one, never a part.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -22,26 +21,11 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_mim.run_files import atomic_write
+
 
 class CheckpointFileError(RuntimeError):
     """A checkpoint cannot be read; the message names the file and why."""
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary in the target's folder, fsync, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -53,7 +37,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_torch_save(checkpoint, path)
+        atomic_write(path, lambda handle: torch.save(checkpoint, handle))
         return None
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None):

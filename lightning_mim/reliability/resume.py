@@ -91,9 +91,10 @@ class ResumeState(L.Callback):
     own restart bookkeeping, right before the first step, so nothing in between can shift them.
 
     The stream position is restored here rather than by Lightning alone because Lightning 2.6
-    drops it whenever ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (as
-    :class:`~lightning_mim.methods.base.MIMModule` does): that builds and starts the training
-    loader before the checkpoint's loop state is loaded, and the loader state it saved is never
+    drops it whenever ``configure_optimizers`` sets up the training data (as
+    :func:`~lightning_mim.optimisation.trainer_run_length` does, to learn the epoch length, and as
+    ``trainer.estimated_stepping_batches`` does): that builds and starts the training loader before
+    the checkpoint's loop state is loaded, and the loader state it saved is never
     handed back. So the position goes into this callback's state too, is loaded into the loader at
     ``on_train_start``, and the trainer's fetcher is restarted on it (a pure stream, so restarting
     is harmless when Lightning did restore it).

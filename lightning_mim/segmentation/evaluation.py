@@ -17,9 +17,9 @@ Metric protocol (the same for every method, methods.md §8.3):
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +32,8 @@ from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
 from torch import Tensor
+
+from lightning_mim.run_files import atomic_path, atomic_write
 
 #: Columns that describe the run, repeated on every row (``dataset``: see ``SegmentationDataModule.dataset_name``).
 RUN_COLUMNS = ("dataset", "method", "label_fraction", "num_labelled", "seed")
@@ -128,19 +130,6 @@ def metric_rows(results: Iterable[Mapping[str, Any]], class_names: Sequence[str]
     return rows
 
 
-def _atomic_text(path: Path, write: Callable[[Any], None]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", newline="") as handle:
-            write(handle)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _cell(value: Any) -> Any:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.6g}"
@@ -148,13 +137,12 @@ def _cell(value: Any) -> Any:
 
 
 def write_metrics_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    def write(handle) -> None:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _cell(row.get(k)) for k in CSV_COLUMNS})
-
-    return _atomic_text(Path(path), write)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _cell(row.get(k)) for k in CSV_COLUMNS})
+    return atomic_write(path, text.getvalue())
 
 
 def read_metrics_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -216,8 +204,7 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> str:
 
 
 def write_summary_markdown(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str = "Test results") -> Path:
-    text = summary_markdown(rows, title)
-    return _atomic_text(Path(path), lambda handle: handle.write(text))
+    return atomic_write(path, summary_markdown(rows, title))
 
 
 def to_original_geometry(labels: Tensor, affine: np.ndarray | Sequence[Sequence[float]],
@@ -243,9 +230,7 @@ def write_prediction(labels: Tensor, geometry: Mapping[str, Any], path: str | os
     ``preprocessed_affine``, ``shape`` and ``affine`` of the original image.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     resampled = to_original_geometry(labels, geometry["preprocessed_affine"], geometry["shape"][-3:], geometry["affine"])
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{''.join(path.suffixes)}")
-    resampled.save(temporary)
-    os.replace(temporary, path)
+    with atomic_path(path, keep_suffixes=True) as temporary:  # TorchIO picks the format from the name
+        resampled.save(temporary)
     return path

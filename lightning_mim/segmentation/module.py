@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from monai.losses import DiceCELoss
 from torch import Tensor
 
-from lightning_mim.methods.base import NO_DECAY_KEYWORDS
-from lightning_mim.schedules import warmup_cosine
+from lightning_mim.optimisation import adamw_warmup_cosine, parameter_groups, trainer_run_length
+from lightning_mim.run_files import run_directory
 from lightning_mim.segmentation.evaluation import (
     case_metrics,
     gather_by_case,
@@ -309,9 +308,7 @@ class SegmentationModule(L.LightningModule):
         return written
 
     def run_folder(self) -> Path:
-        from lightning_mim.callbacks.panels import run_directory
-
-        return Path(run_directory(self.trainer))
+        return run_directory(self.trainer)
 
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:
@@ -319,46 +316,12 @@ class SegmentationModule(L.LightningModule):
         hp = self.hparams
         depth, top = layer_ids(self.network_name, self.network)
         prefix = network_spec(self.network_name).encoder_prefix
-        groups: dict[tuple[float, float, bool], dict[str, Any]] = {}
-        for name, param in self.network.named_parameters():
-            if not param.requires_grad:
-                continue
-            no_decay = param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_KEYWORDS)
-            decay = 0.0 if no_decay and hp.exclude_from_weight_decay else hp.weight_decay
-            scale = hp.layer_decay ** (top - depth[name])
-            key = (scale, decay, name.startswith(prefix))
-            group = groups.setdefault(key, {"params": [], "weight_decay": decay, "lr": hp.lr * scale, "lr_scale": scale,
-                                            "encoder": key[2]})
-            group["params"].append(param)
-        return list(groups.values())
-
-    def _steps(self) -> tuple[int, float]:
-        """(optimizer steps of the run, optimizer steps per epoch)."""
-        trainer = self.trainer
-        total = int(trainer.estimated_stepping_batches)
-        if trainer.max_epochs and trainer.max_epochs > 0:
-            return total, total / trainer.max_epochs
-        if not math.isfinite(trainer.num_training_batches):  # max_steps runs: the epoch length is still unknown
-            trainer.fit_loop.setup_data()
-        batches = trainer.num_training_batches
-        per_epoch = batches / trainer.accumulate_grad_batches if math.isfinite(batches) else float(total)
-        return total, max(per_epoch, 1.0)
+        return parameter_groups(self.network.named_parameters(), hp.weight_decay, hp.exclude_from_weight_decay,
+                                lr_scale=lambda name: hp.layer_decay ** (top - depth[name]),
+                                is_encoder=lambda name: name.startswith(prefix))
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups = self.parameter_groups()
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        total, per_epoch = self._steps()
-        warmup = int(round(hp.warmup_epochs * per_epoch))
-        frozen_steps = int(round(hp.freeze_encoder_epochs * per_epoch))
-
-        def schedule(encoder: bool):
-            def factor(step: int) -> float:
-                if encoder and step < frozen_steps:
-                    return 0.0
-                return warmup_cosine(step, total, warmup, 1.0, hp.min_lr / hp.lr, hp.warmup_start_lr / hp.lr)
-
-            return factor
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(g["encoder"]) for g in groups])
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(self.parameter_groups(), trainer_run_length(self.trainer), hp.lr, hp.betas,
+                                   warmup_epochs=hp.warmup_epochs, warmup_start_lr=hp.warmup_start_lr,
+                                   min_lr=hp.min_lr, freeze_encoder_epochs=hp.freeze_encoder_epochs)

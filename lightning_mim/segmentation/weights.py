@@ -30,7 +30,6 @@ import json
 import math
 import os
 import subprocess
-import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -42,7 +41,8 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from lightning_mim.methods.base import EncoderExport
+from lightning_mim.methods.base import ExportedEncoder
+from lightning_mim.run_files import atomic_write
 from lightning_mim.segmentation.networks import network_spec
 
 FORMAT = "lightning-mim-encoder/1"
@@ -118,7 +118,7 @@ class EncoderFile:
 
 
 def encoder_metadata(
-    export: EncoderExport,
+    export: ExportedEncoder,
     module: nn.Module | None = None,
     data: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
@@ -158,18 +158,8 @@ def encoder_metadata(
 
 
 def save_encoder(file: EncoderFile, path: str | os.PathLike) -> Path:
-    """Write ``file`` atomically (temporary in the same folder, then ``os.replace``)."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            torch.save(file.payload(), handle)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``file`` atomically (:func:`lightning_mim.run_files.atomic_write`)."""
+    return atomic_write(Path(path).expanduser(), lambda handle: torch.save(file.payload(), handle))
 
 
 def read_encoder_file(path: str | os.PathLike) -> EncoderFile:
