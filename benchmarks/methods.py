@@ -49,11 +49,17 @@ class MethodSpec:
     size: str  # "recipe" or how and why the model was shrunk
     bare: str  # key of BARE_STEPS
     views: bool = False  # the batch carries two views per item (SMIT)
+    #: constructor arguments that set the input size for an ROI (a side or 3 sides): the image size, or VoCo's crop grid
+    size_arguments: Callable[[int | tuple[int, int, int]], dict[str, Any]] = lambda roi: {"img_size": roi}
     quick: dict[str, Any] = field(default_factory=dict)  # --quick: tiny overrides to debug the script fast
 
     def load(self) -> type:
         module, _, name = self.cls.rpartition(".")
         return getattr(importlib.import_module(module), name)
+
+
+def _sides(roi: int | tuple[int, int, int]) -> tuple[int, int, int]:
+    return (roi,) * 3 if isinstance(roi, int) else tuple(roi)
 
 
 _VIT_B = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_dim=384, decoder_depth=8, decoder_heads=12)
@@ -97,6 +103,11 @@ METHODS: list[MethodSpec] = [
                quick=dict(unet_channels=[4, 8, 8, 16, 16])),
     MethodSpec("Swin UNETR SSL", "lightning_mim.methods.swinunetr_ssl.SwinUNETRSSL", dict(**_SWIN_SMALL),
                "small: Swin F 12, 1 block/stage (recipe F 48, 2-2-2-2)", "swin_ssl"),
+    MethodSpec("VoCo", "lightning_mim.methods.voco.VoCo", dict(**_SWIN_SMALL, projector_hidden_dim=1024, projector_dim=1024),
+               "small: Swin F 12, 1 block/stage (recipe F 48, 2-2-2-2); the ROI is the region, a grid of 32³ crops "
+               "(recipe 3×3×1 of 64³) + 2 random crops per volume; projector 1024² as recipe", "voco",
+               size_arguments=lambda roi: {"crop_size": 32, "grid": [side // 32 for side in _sides(roi)]},
+               quick=dict(feature_size=6, projector_hidden_dim=32, projector_dim=16)),
     MethodSpec("DINOv2-3D", "lightning_mim.methods.dinov2.DINOv2",
                dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, out_dim=16384, local_size=32,
                     num_local_crops=8, drop_path_rate=0.0),
@@ -130,11 +141,11 @@ def stub_trainer() -> SimpleNamespace:
 def build_method(spec: MethodSpec, roi: int | tuple[int, int, int], **overrides: Any):
     """(module in train mode, its AdamW from ``configure_optimizers``, a batch); ``roi`` is a side or 3 sides."""
     torch.manual_seed(0)
-    module = spec.load()(img_size=roi, **{**spec.kwargs, **overrides})
+    module = spec.load()(**spec.size_arguments(roi), **{**spec.kwargs, **overrides})
     module._trainer = stub_trainer()
     module.train()
     optimizer = module.configure_optimizers()["optimizer"]
-    size = (roi,) * 3 if isinstance(roi, int) else tuple(roi)
+    size = _sides(roi)
     images = torch.rand(BATCH_SIZE, 2 if spec.views else 1, 1, *size)
     batch = {"image": images[:, 0], "case_id": [str(i) for i in range(BATCH_SIZE)]}
     if spec.views:
@@ -284,6 +295,23 @@ def _bare_swin_ssl(module, batch):
     return loss, None
 
 
+def _bare_voco(module, batch):
+    crops, _, _ = module.sample_crops(batch["image"], torch.Generator().manual_seed(0))
+    b = batch["image"].shape[0]
+
+    with torch.no_grad():
+        features = module.backbone(crops)
+
+    def loss() -> Tensor:
+        return module.projector(module.backbone(crops)).view(b, -1, module.hparams.projector_dim).mean()
+
+    @torch.no_grad()
+    def extra() -> None:
+        module.teacher(features)  # the EMA projector on the student's clean features
+
+    return loss, extra
+
+
 def _bare_dinov2(module, batch):
     images = batch["image"]
     hp = module.hparams
@@ -307,6 +335,7 @@ BARE_STEPS: dict[str, Callable] = {
     "genesis": _bare_genesis,
     "fusion": _bare_fusion,
     "swin_ssl": _bare_swin_ssl,
+    "voco": _bare_voco,
     "dinov2": _bare_dinov2,
     "vit_mae": lambda module, batch: _bare_vit(module, batch, predictor=False),
     "vit_hpm": lambda module, batch: _bare_vit(module, batch, predictor=True),

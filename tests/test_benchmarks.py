@@ -138,10 +138,11 @@ TINY_OVERRIDES = {
     "Models Genesis": dict(unet_channels=[4, 8, 8, 16], shuffle_blocks=200),
     "Volume Fusion": dict(unet_channels=[4, 8, 8, 16, 16], box_range=(2, 4)),
     "Swin UNETR SSL": dict(feature_size=6, window_size=4, contrast_dim=16),
+    "VoCo": dict(feature_size=6, window_size=4, projector_hidden_dim=32, projector_dim=16),
     "DINOv2-3D": dict(patch_size=8, embed_dim=24, depth=1, num_heads=2, out_dim=64, head_hidden_dim=32,
                       head_bottleneck_dim=16, num_local_crops=2, local_size=16),
 }
-TINY_SIZE = {"HybridMIM (Swin)": (64, 32, 32), "HybridMIM (UNet)": (64, 32, 32), "Swin UNETR SSL": 64}
+TINY_SIZE = {"HybridMIM (Swin)": (64, 32, 32), "HybridMIM (UNet)": (64, 32, 32), "Swin UNETR SSL": 64, "VoCo": (64, 32, 32)}
 
 
 def test_the_method_table_lists_every_method_module():

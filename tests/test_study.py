@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from data_modules.phantoms import ORGAN_NAMES, ensure_phantom_pools, generate_phantom
 from lightning_mim.segmentation.evaluation import case_metrics
@@ -175,3 +176,20 @@ def test_plot_draws_one_scratch_curve_per_network_as_built(tmp_path, monkeypatch
                                                       close(figure)))
     plot_label_efficiency(table, tmp_path / "plot.png")
     assert [t for t in legends if t.startswith("scratch")] == ["scratch (swin_unetr)", "scratch (swin_unetr as smit builds it)"]
+
+
+# --------------------------------------------------------------------------- study configs
+def test_every_study_method_has_its_recipe_and_cpu_scale_layer_and_phantoms_more_extends_phantoms():
+    from lightning_mim.recipes import find_recipe
+    from lightning_mim.study.runner import METHOD_RECIPES, STUDY_RECIPES, build_parser
+
+    for method, recipe in METHOD_RECIPES.items():
+        assert find_recipe(recipe).is_file(), method
+        layer = find_recipe(f"{STUDY_RECIPES}/pretrain/{method}.yaml")
+        assert yaml.safe_load(layer.read_text())["model"]["init_args"]["lr"] == 1.0e-3, method
+    parser = build_parser()
+    base = parser.parse_args(["--config", str(find_recipe(f"{STUDY_RECIPES}/phantoms.yaml"))])
+    more = parser.parse_args(["--config", str(find_recipe(f"{STUDY_RECIPES}/phantoms-more.yaml"))])
+    assert set(more.methods).isdisjoint(base.methods) and set(base.methods) | set(more.methods) == set(METHOD_RECIPES)
+    differences = {key for key in vars(base) if key != "__path__" and base[key] != more[key]}
+    assert differences == {"config", "name", "methods", "report_folder"}  # same pools, steps, seeds, output folder

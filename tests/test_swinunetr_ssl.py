@@ -79,6 +79,15 @@ def test_bad_options_fail_at_construction():
         SwinUNETRSSL(**TINY, head_token=8)
     with pytest.raises(ValueError, match="at least 64"):
         SwinUNETRSSL(**{**TINY, "img_size": 32})
+    with pytest.raises(ValueError, match="equal sides"):  # the axial plane of a 64 × 32 × 32 crop is not square
+        SwinUNETRSSL(**{**TINY, "img_size": (64, 32, 32)}, rotation_plane="axial")
+
+
+def test_non_cubic_crops_with_a_two_voxel_bottleneck():
+    model = SwinUNETRSSL(**{**TINY, "img_size": (64, 32, 32)})
+    out = model.shared_step({"image": torch.rand(2, 1, 64, 32, 32)})
+    out.losses["loss"].backward()
+    assert torch.isfinite(out.losses["loss"]) and model.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
 
 
 def test_export_loads_strictly_into_monai_swinunetr_swinvit():

@@ -14,7 +14,7 @@ from lightning_mim.losses.voco import (
     overlap_labels,
     position_loss,
 )
-from lightning_mim.methods.voco import VoCo
+from lightning_mim.methods.voco import VoCo, residual_block
 from tests.new_methods import assert_fit_outputs, bf16_step, cli_fit
 
 TINY = dict(crop_size=64, grid=(2, 1, 1), num_random_crops=1, feature_size=6, depths=[1, 1, 1, 1], window_size=4,
@@ -90,8 +90,39 @@ def test_bad_configuration_fails_at_construction():
         VoCo(**TINY, teacher="none")
     with pytest.raises(ValueError, match="at least 2 base crops"):
         VoCo(**{**TINY, "grid": (1, 1, 1)})
-    with pytest.raises(ValueError, match="crop_size must be at least 64"):
-        VoCo(**{**TINY, "crop_size": 32})
+    with pytest.raises(ValueError, match="divisible by"):
+        VoCo(**{**TINY, "crop_size": 48})
+
+
+def test_one_voxel_maps_take_the_exact_instance_norm_limit():
+    # Instance norm by its formula, (x - mean) / sqrt(var + eps), is 0 on one voxel where torch refuses to run it.
+    class FormulaNorm(torch.nn.Module):
+        def forward(self, x):
+            mean, var = x.mean((2, 3, 4), keepdim=True), x.var((2, 3, 4), unbiased=False, keepdim=True)
+            return (x - mean) / torch.sqrt(var + 1e-5)
+
+    from monai.networks.blocks import UnetrBasicBlock
+
+    torch.manual_seed(0)
+    for width_in in (8, 1):  # identity shortcut (encoder10) and a conv shortcut (encoder1)
+        block = UnetrBasicBlock(3, width_in, 8, kernel_size=3, stride=1, norm_name="instance", res_block=True)
+        for name in ("norm1", "norm2", "norm3"):
+            if hasattr(block.layer, name):
+                setattr(block.layer, name, FormulaNorm())
+        x = torch.randn(2, width_in, 1, 1, 1)
+        expected = block(x.clone())
+        torch.testing.assert_close(residual_block(block, x), expected)
+        assert (expected == 0).all() if width_in == 1 else torch.equal(expected, torch.nn.functional.leaky_relu(x, 0.01))
+        big = torch.randn(2, width_in, 4, 4, 4)
+        torch.testing.assert_close(residual_block(block, big), block(big))
+
+
+def test_32_voxel_crops_train_with_a_one_voxel_bottleneck():
+    model = VoCo(**{**TINY, "crop_size": 32})
+    out = model.shared_step({"image": torch.rand(2, 1, 64, 32, 32)})
+    out.losses["loss"].backward()
+    assert torch.isfinite(out.losses["loss"]) and model.backbone.encoder4.layer.conv1.conv.weight.grad.abs().sum() > 0
+    assert model.backbone.encoder10.layer.conv1.conv.weight.grad is None  # the one-voxel block only passes its input on
 
 
 def test_export_loads_strictly_into_swinunetr_encoders():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_mim.backbones.swin import MaskedSwinEncoder
-from lightning_mim.corruption.swin_ssl import RotationPlane, cutout, random_rotation
+from lightning_mim.corruption.swin_ssl import ROTATION_DIMS, RotationPlane, cutout, random_rotation
 from lightning_mim.heads.upsample import VAEUpsampleHead
 from lightning_mim.losses.contrastive import nt_xent
 from lightning_mim.methods.base import ExportedEncoder, MIMModule, StepOutput
@@ -36,7 +36,7 @@ class SwinUNETRSSL(MIMModule):
     slice-axis shortcut on anisotropic data).
 
     Args:
-        img_size: crop side (96).
+        img_size: crop side(s) (96); a non-cubic crop (e.g. 64 × 32 × 32) needs a square rotation plane.
         in_channels: image channels.
         feature_size, depths, num_heads, window_size, drop_path_rate, use_checkpoint: the Swin encoder (v1).
         contrast_dim: width of the contrastive head (512).
@@ -54,7 +54,7 @@ class SwinUNETRSSL(MIMModule):
 
     def __init__(
         self,
-        img_size: int = 96,
+        img_size: int | tuple[int, int, int] = 96,
         in_channels: int = 1,
         feature_size: int = 48,
         depths: Sequence[int] = (2, 2, 2, 2),
@@ -88,12 +88,16 @@ class SwinUNETRSSL(MIMModule):
             num_heads=num_heads, window_size=window_size, drop_path_rate=drop_path_rate, use_checkpoint=use_checkpoint)
         self.encoder.remove_mask_token()
         width = self.encoder.stage_channels[-1]
-        if min(self.encoder.img_size) < 2 * self.encoder.total_stride:
-            raise ValueError(f"img_size must be at least {2 * self.encoder.total_stride} (the reconstruction head's "
-                             f"instance norm needs a bottleneck of more than one voxel), got {img_size}")
         tokens = 1
         for side in self.encoder.img_size:
             tokens *= side // self.encoder.total_stride
+        if tokens < 2:
+            raise ValueError(f"img_size must be at least {2 * self.encoder.total_stride} on one axis (the reconstruction "
+                             f"head's instance norm needs a bottleneck of more than one voxel), got {img_size}")
+        plane = [self.encoder.img_size[d - 2] for d in ROTATION_DIMS[rotation_plane]]
+        if plane[0] != plane[1]:
+            raise ValueError(f"img_size {list(self.encoder.img_size)}: 90° rotations in the {rotation_plane!r} plane need "
+                             f"equal sides on its axes, got {plane}")
         if head_token is not None and not 0 <= head_token < tokens:
             raise ValueError(f"head_token must index one of the {tokens} bottleneck tokens, got {head_token}")
         self.rotation_head = nn.Linear(width, 4)

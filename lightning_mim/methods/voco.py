@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import UnetrBasicBlock
 from torch import Tensor, nn
 
@@ -43,8 +44,21 @@ class VoCoBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.swinViT(x)  # normalised maps, as SwinUNETR feeds its decoder
-        maps = [getattr(self, name)(x if index is None else hidden[index]) for name, (index, _) in PYRAMID.items()]
+        maps = [residual_block(getattr(self, name), x if index is None else hidden[index])
+                for name, (index, _) in PYRAMID.items()]
         return pooled_pyramid(maps)
+
+
+def residual_block(block: UnetrBasicBlock, x: Tensor) -> Tensor:
+    """``block(x)``, also on a one-voxel map (the stride-32 bottleneck of a 32³ crop), where torch refuses instance
+    norm: the norm of one value is exactly 0, so the residual block reduces to LeakyReLU of its shortcut (the
+    input, or 0 where the shortcut is itself a normalised conv) and its weights get no gradient."""
+    if x.shape[2:].numel() > 1:
+        return block(x)
+    layer = block.layer
+    if layer.downsample:
+        return x.new_zeros(x.shape[0], layer.conv1.conv.out_channels, *x.shape[2:])
+    return F.leaky_relu(x, layer.lrelu.negative_slope)
 
 
 def augment_crops(crops: Tensor, generator: torch.Generator, flip_prob: float, rotate_prob: float,
@@ -78,7 +92,8 @@ class VoCo(MIMModule):
     (0.9), applied after every optimizer step; the teacher starts as a copy of the student.
 
     Args:
-        crop_size: base/random crop side (64).
+        crop_size: base/random crop side (64; a multiple of the Swin stride 32 — at 32 the encoder10 block sees one
+            voxel and stays at its initialisation, see :func:`residual_block`).
         grid: base crops per axis (3, 3, 1); the region is ``grid × crop_size``.
         num_random_crops: random crops per volume (2).
         in_channels: image channels.
@@ -142,9 +157,6 @@ class VoCo(MIMModule):
                                              feature_size=feature_size, depths=depths, num_heads=num_heads,
                                              window_size=window_size, use_checkpoint=use_checkpoint)
         swin.remove_mask_token()
-        if crop_size < 2 * swin.total_stride:
-            raise ValueError(f"crop_size must be at least {2 * swin.total_stride} (instance norm on the bottleneck "
-                             f"needs more than one voxel), got {crop_size}")
         self.grid, self.crop = grid, (crop_size,) * 3
         self.backbone = VoCoBackbone(swin, in_channels)
         self.projector = MLPProjector(self.backbone.feature_dim, projector_hidden_dim, projector_dim, 3, "batch")

@@ -48,6 +48,12 @@ METHOD_RECIPES = {
     "anatomask": "anatomask.yaml",
     "hybridmim_swin": "hybridmim_swin.yaml",
     "hybridmim_unet": "hybridmim_unet.yaml",
+    "swinunetr_ssl": "swinunetr_ssl.yaml",
+    "voco": "voco.yaml",
+    "simclr": "simclr.yaml",
+    "models_genesis": "models_genesis.yaml",
+    "volume_fusion": "volume_fusion.yaml",
+    "dinov2": "dinov2.yaml",
 }
 RESULT_FILE = "result.json"
 #: Encoder learning rate held at 0 for this many epochs = for the whole probe run.
@@ -193,6 +199,7 @@ class StudySettings:
     wandb: bool
     name: str
     report_only: bool = False
+    report_folder: str = "report"
 
 
 class Study:
@@ -428,6 +435,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--results", type=str | None, default=None,
                         help="also copy the report here as study-<name>.{md,csv,json,png} (e.g. benchmarks/results)")
     parser.add_argument("--wandb", type=bool, default=False, help="log every arm to W&B (offline), one group per study")
+    parser.add_argument("--report_folder", type=str, default="report",
+                        help="the report's folder inside --output (studies that share an output folder need their own)")
     parser.add_argument("--report_only", type=bool, default=False,
                         help="write the report from the arms finished so far, run nothing (missing arms are listed)")
     parser.add_argument("--fast", type=bool, default=False, help="smoke test: tiny pools, 2 steps, 1 method, 2 seeds")
@@ -462,7 +471,7 @@ def settings_from_args(args) -> StudySettings:
         nsd_tolerance_mm=args.nsd_tolerance_mm, num_classes=args.num_classes,
         preprocessing=dict(args.preprocessing) or default_preprocessing, roi_by_network=dict(args.roi_by_network),
         network_kwargs=dict(args.network_kwargs), unlabelled=dict(unlabelled), labelled=dict(labelled),
-        wandb=args.wandb, name=args.name, report_only=args.report_only)
+        wandb=args.wandb, name=args.name, report_only=args.report_only, report_folder=args.report_folder)
 
 
 def _cpu_model() -> str | None:
@@ -480,7 +489,7 @@ def _echo(text: str) -> None:
 
 
 def run_study(settings: StudySettings, results_folder: str | None = None, echo=_echo) -> dict[str, Path]:
-    """Run (or resume) a study and write its report into ``<output>/report`` (and ``results_folder``)."""
+    """Run (or resume) a study and write its report into ``<output>/<report_folder>`` (and ``results_folder``)."""
     import platform
     import subprocess
 
@@ -504,7 +513,7 @@ def run_study(settings: StudySettings, results_folder: str | None = None, echo=_
               "arm_seconds": round(sum(r.get("seconds", 0.0) for r in results), 1),
               "wall_seconds_this_invocation": round(time.monotonic() - start, 1),
               "failed_or_missing_arms": "; ".join(f"{f['arm']}: {f['error']}" for f in study.failures) or "none"}
-    paths = write_report(table, header, study.root / "report")
+    paths = write_report(table, header, study.root / settings.report_folder)
     if results_folder:
         stem = f"study-{settings.name}"
         copies = write_report(table, header, Path(results_folder), stem)
