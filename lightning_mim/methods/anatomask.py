@@ -21,10 +21,10 @@ from lightning_mim.backbones.vit import as_triple
 from lightning_mim.heads.light_decoder import DecoderNorm, Densify, LightDecoder
 from lightning_mim.losses.ranking import spearman_correlation
 from lightning_mim.losses.reconstruction import masked_patch_loss
-from lightning_mim.masking.grid import patchify, unflatten_mask, upsample_mask
+from lightning_mim.masking.grid import patchify, unflatten_mask
 from lightning_mim.masking.guided import guided_mask
 from lightning_mim.masking.random import num_masked, random_mask
-from lightning_mim.masking.visuals import reconstruction_visuals
+from lightning_mim.masking.visuals import guided_mask_visuals
 from lightning_mim.methods.base import EncoderExport, StepOutput
 from lightning_mim.methods.teacher_student import TeacherStudentModule, momentum_ramp_per_epoch
 from lightning_mim.schedules import DifficultyKind
@@ -157,20 +157,15 @@ class AnatoMask(TeacherStudentModule):
 
         visuals = {}
         if self.capture_visuals:
-            visuals = reconstruction_visuals(images, pred, mask, self.cell, self.grid, norm_pix=True)
-            visuals["heat/teacher_loss"] = self._to_voxels(scores)
-            visuals["heat/mask"] = self._to_voxels(mask.float() + chosen.hard.float())  # 0 visible, 1 random, 2 hard
+            visuals = guided_mask_visuals(images, pred, chosen, scores, "teacher_loss", self.cell, self.grid, norm_pix=True)
         scalars = {
-            "hard_fraction": chosen.hard.sum(dim=1).float().mean() / self.num_masked,
+            "hard_fraction": chosen.hard_share(),
             # Only patches hidden under both masks have a teacher score to compare with.
             "spearman": spearman_correlation(scores, student_map.detach(), mask & initial).mean(),
             "ema_momentum": self.teacher_momentum(),
             "mask_ratio": mask.float().mean(),
         }
         return StepOutput(losses={"loss": loss, "reconstruction": loss.detach()}, visuals=visuals, scalars=scalars)
-
-    def _to_voxels(self, per_cell: Tensor) -> Tensor:
-        return upsample_mask(unflatten_mask(per_cell.detach().float(), self.grid), self.cell).unsqueeze(1)
 
     # ------------------------------------------------------------------ export
     def export_encoder(self) -> EncoderExport:

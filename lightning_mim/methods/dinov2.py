@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from lightning_mim.backbones.masked_vit import MaskedViT3D
 from lightning_mim.backbones.vit import unetr_encoder_export
 from lightning_mim.corruption.multicrop import random_resized_crops
-from lightning_mim.heads.dino import DINOHead
+from lightning_mim.heads.dino import DINOHead, drop_last_layer_gradients
 from lightning_mim.losses.dinov2 import (
     all_reduced_mean_rows,
     gather_rows,
@@ -20,6 +20,7 @@ from lightning_mim.losses.dinov2 import (
 )
 from lightning_mim.losses.distillation import DistillationCE, collapse_monitors
 from lightning_mim.masking.block import dinov2_masks
+from lightning_mim.masking.visuals import patch_values_to_volume
 from lightning_mim.methods.base import EncoderExport, StepOutput
 from lightning_mim.methods.teacher_student import TeacherStudentModule, cosine_momentum_per_step
 from lightning_mim.schedules import teacher_temperature
@@ -223,21 +224,16 @@ class DINOv2(TeacherStudentModule):
 
     def _visuals(self, global_views: Tensor, local_views: Tensor, masks: Tensor, b: int) -> dict[str, Tensor]:
         """First sample: both global crops, the token mask of the more-masked one, its first local crop (resized)."""
-        from lightning_mim.masking.grid import unflatten_mask, upsample_mask
-
         pick = 0 if masks[0].sum() >= masks[b].sum() else b
-        voxel = upsample_mask(unflatten_mask(masks[pick : pick + 1], self.encoder.grid), self.encoder.patch_size)
+        voxel = patch_values_to_volume(masks[pick : pick + 1], self.encoder.grid, self.encoder.patch_size)
         local = torch.nn.functional.interpolate(local_views[:1].float(), size=global_views.shape[2:], mode="nearest")
         return {"global1": global_views[:1], "global2": global_views[b : b + 1],
-                "masked_global": global_views[pick : pick + 1] * ~voxel.unsqueeze(1),
-                "heat/mask": voxel.unsqueeze(1).float(), "local1": local}
+                "masked_global": global_views[pick : pick + 1] * ~voxel, "heat/mask": voxel.float(), "local1": local}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """No gradient for the heads' last layers during the first epochs (DINO stabiliser)."""
         if self.current_epoch < self.hparams.freeze_last_layer_epochs:
-            for head in (self.student.dino_head, self.student.ibot_head):
-                for param in head.last_layer.parameters():
-                    param.grad = None
+            drop_last_layer_gradients((self.student.dino_head, self.student.ibot_head))
 
     def export_encoder(self) -> EncoderExport:
         """The student ViT for MONAI ``UNETR`` (``vit.*``); raises when UNETR cannot hold it (12 blocks, 16³ patches)."""

@@ -17,10 +17,10 @@ from torch import nn
 from lightning_mim.heads.mae_decoder import MAEDecoder
 from lightning_mim.losses.ranking import pairwise_ranking_loss, spearman_correlation, zscore_regression_loss
 from lightning_mim.losses.reconstruction import masked_patch_loss
-from lightning_mim.masking.grid import patchify, unflatten_mask, upsample_mask
+from lightning_mim.masking.grid import patchify
 from lightning_mim.masking.guided import guided_mask
 from lightning_mim.masking.random import visible_indices
-from lightning_mim.masking.visuals import reconstruction_visuals
+from lightning_mim.masking.visuals import guided_mask_visuals
 from lightning_mim.methods.base import StepOutput
 from lightning_mim.methods.mae_base import MaskedAutoencoderBase
 from lightning_mim.methods.teacher_student import TeacherStudentModule, momentum_ramp_per_epoch
@@ -124,19 +124,13 @@ class SelfMedHPM(TeacherStudentModule, MaskedAutoencoderBase):
 
         visuals = {}
         if self.capture_visuals:
-            visuals = reconstruction_visuals(images, pred, mask, enc.patch_size, enc.grid, hp.norm_pix_loss)
-            visuals["heat/predicted_loss"] = self._to_voxels(scores)
-            visuals["heat/mask"] = self._to_voxels(mask.float() + chosen.hard.float())  # 0 visible, 1 random, 2 hard
+            visuals = guided_mask_visuals(images, pred, chosen, scores, "predicted_loss", enc.patch_size, enc.grid,
+                                          hp.norm_pix_loss)
         scalars = {
-            "hard_fraction": chosen.hard.sum(dim=1).float().mean() / max(self.num_masked, 1),
+            "hard_fraction": chosen.hard_share(),
             "spearman": spearman_correlation(predicted_loss.detach(), actual, mask).mean(),
             "ema_momentum": self.teacher_momentum(),
             "mask_ratio": mask.float().mean(),
         }
         losses = {"loss": total, "reconstruction": rec_loss.detach(), "loss_prediction": pred_loss.detach()}
         return StepOutput(losses=losses, visuals=visuals, scalars=scalars)
-
-    def _to_voxels(self, per_token: torch.Tensor) -> torch.Tensor:
-        """``B, L`` token values → ``B, 1, D, H, W`` volume for the panels."""
-        grid = unflatten_mask(per_token.detach().float(), self.encoder.grid)
-        return upsample_mask(grid, self.encoder.patch_size).unsqueeze(1)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_mim.backbones.swin import MaskedSwinEncoder, SwinConfigName
-from lightning_mim.heads.dino import DINOHead
+from lightning_mim.heads.dino import DINOHead, drop_last_layer_gradients
 from lightning_mim.heads.pixel_shuffle import LinearPixelShuffleDecoder
 from lightning_mim.losses.distillation import (
     DistillationCE,
@@ -257,9 +257,7 @@ class SMIT(TeacherStudentModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Discard the heads' last-layer gradients during the first epochs (DINO/iBOT stabiliser)."""
         if self.current_epoch < self.hparams.freeze_last_layer_epochs:
-            for head in self.student.heads():
-                for param in head.last_layer.parameters():
-                    param.grad = None
+            drop_last_layer_gradients(self.student.heads())
 
     def export_encoder(self) -> EncoderExport:
         return EncoderExport(
