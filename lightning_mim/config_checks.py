@@ -54,7 +54,7 @@ def _next_multiple(size: tuple[int, ...], multiple: int) -> str:
 
 def _pretraining_problems(model_cls: type, model: Mapping[str, Any], data: Mapping[str, Any]) -> list[str]:
     from lightning_mim.methods.hybridmim import HybridMIM
-    from lightning_mim.methods.mae import MAE3D
+    from lightning_mim.methods.mae_base import MaskedAutoencoderBase
     from lightning_mim.methods.simmim import SimMIM3D
     from lightning_mim.methods.smit import SMIT
 
@@ -76,7 +76,7 @@ def _pretraining_problems(model_cls: type, model: Mapping[str, Any], data: Mappi
         problems.append(f"model.img_size {_size(img)}: Swin encoders need every side divisible by {SWIN_MULTIPLE}; "
                         f"use e.g. {_next_multiple(img, SWIN_MULTIPLE)} (and the same data size)")
     token = model.get("patch_size")
-    if issubclass(model_cls, MAE3D) and img is not None and token and any(s % int(token) for s in img):
+    if issubclass(model_cls, MaskedAutoencoderBase) and img is not None and token and any(s % int(token) for s in img):
         problems.append(f"model.img_size {_size(img)} is not a whole number of {token}³ ViT token patches "
                         f"(model.patch_size); use e.g. {_next_multiple(img, int(token))}")
     return problems

@@ -6,6 +6,7 @@ Never index a schedule by the step inside the current epoch (SMIT's momentum bug
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 
@@ -82,3 +83,36 @@ def epochs_in(value: float, unit: Literal["epochs", "fraction"], max_epochs: int
     if unit == "fraction":
         return float(value) * float(max(max_epochs, 1))
     raise ValueError(f"unit must be 'epochs' or 'fraction', got {unit!r}")
+
+
+@dataclass(frozen=True)
+class MomentumSchedule:
+    """Teacher EMA momentum over a run, read with :meth:`at`.
+
+    * ``cosine_per_step`` (DINO/iBOT/SMIT/DINOv2): :func:`cosine_momentum` of the global optimizer step
+      over the run's steps, ``start → end``.
+    * ``ramp_per_epoch`` (HPM/AnatoMask): :func:`ema_momentum_ramp` of the epoch, ``start → end`` over
+      ``ramp`` (epochs, or a fraction of the run with ``ramp_unit="fraction"``), then constant.
+    * ``constant`` (VoCo): ``start`` throughout.
+    """
+
+    kind: Literal["cosine_per_step", "ramp_per_epoch", "constant"]
+    start: float
+    end: float
+    ramp: float = 0.0
+    ramp_unit: Literal["epochs", "fraction"] = "epochs"
+
+    @property
+    def per_step(self) -> bool:
+        """Whether :meth:`at` takes (global step, total steps) rather than (epoch, planned epochs)."""
+        return self.kind == "cosine_per_step"
+
+    def at(self, position: int, length: int) -> float:
+        """Momentum at step ``position`` of ``length`` steps, or epoch ``position`` of ``length`` (see :attr:`per_step`)."""
+        if self.kind == "cosine_per_step":
+            return cosine_momentum(position, length, self.start, self.end)
+        if self.kind == "ramp_per_epoch":
+            return ema_momentum_ramp(position, epochs_in(self.ramp, self.ramp_unit, length), self.start, self.end)
+        if self.kind == "constant":
+            return self.start
+        raise ValueError(f"unknown momentum schedule {self.kind!r}")

@@ -1,4 +1,4 @@
-"""EMA teacher shared by every teacher/student method (SMIT, AnatoMask, SelfMedHPM)."""
+"""EMA teacher shared by every teacher/student method (made and updated by the methods' teacher–student base)."""
 
 from __future__ import annotations
 

@@ -78,7 +78,7 @@ def test_guided_mask_takes_the_teacher_hardest_patches():
 def test_schedules_follow_the_epoch():
     model = tiny_anatomask()
     model._trainer = SimpleNamespace(max_epochs=1000, current_epoch=125)
-    assert model.ema_momentum() == pytest.approx(0.99945)  # ramp over E/4 = 250 epochs
+    assert model.teacher_momentum() == pytest.approx(0.99945)  # ramp over E/4 = 250 epochs
     assert model.hard_fraction() == pytest.approx(0.5 * 126 / 999)
     model._trainer = SimpleNamespace(max_epochs=1000, current_epoch=0)
     assert model.hard_fraction() * model.num_masked < 1  # epoch 0: fully random masks

@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from lightning_mim.masking.guided import guided_mask, num_hard_patches
+from lightning_mim.masking.guided import GuidedMask, guided_mask, num_hard_patches
 from lightning_mim.masking.random import num_masked
+from lightning_mim.masking.visuals import guided_mask_visuals
 from lightning_mim.schedules import ema_momentum_ramp, epochs_in, hard_patch_fraction
 
 
@@ -104,3 +105,29 @@ def test_ema_momentum_ramp_and_ramp_length():
     assert math.isclose(ema_momentum_ramp(125, epochs_in(0.25, "fraction", 1000)), 0.99945)
     with pytest.raises(ValueError, match="unit"):
         epochs_in(1, "steps", 10)
+
+
+def test_hard_share_is_the_chosen_part_of_the_masked_patches():
+    mask = torch.tensor([[True, True, True, True, False, False], [True, True, True, True, False, False]])
+    hard = torch.tensor([[True, False, False, False, False, False], [True, True, True, False, False, False]])
+    assert GuidedMask(mask, hard).hard_share().item() == pytest.approx(0.5)  # (1 + 3) / 2 of 4
+    nothing = torch.zeros(2, 6, dtype=torch.bool)
+    assert GuidedMask(nothing, nothing).hard_share().item() == 0.0
+
+
+def test_guided_mask_panels_put_each_patch_value_on_its_voxels():
+    images = torch.rand(1, 1, 4, 4, 8)  # 2 × 2 × 4 patches of 2³ voxels
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[0, [0, 5]] = True
+    hard = torch.zeros_like(mask)
+    hard[0, 5] = True
+    scores = torch.arange(16.0).unsqueeze(0)
+    pred = torch.full((1, 16, 8), 7.0)
+    visuals = guided_mask_visuals(images, pred, GuidedMask(mask, hard), scores, "teacher_loss", 2, (2, 2, 4),
+                                  norm_pix=False)
+    assert list(visuals) == ["input", "masked", "reconstruction", "heat/teacher_loss", "heat/mask"]
+    heat, kinds = visuals["heat/teacher_loss"][0, 0], visuals["heat/mask"][0, 0]
+    assert heat[0, 0, 0] == 0 and heat[0, 0, 2] == 1 and heat[0, 2, 2] == 5 and heat[3, 3, 7] == 15
+    assert kinds[0, 0, 0] == 1 and kinds[0, 2, 2] == 2 and kinds[0, 0, 2] == 0  # random, hard, visible
+    assert torch.equal(visuals["reconstruction"][0, 0, :2, :2, :2], torch.full((2, 2, 2), 7.0))
+    assert torch.equal(visuals["reconstruction"][..., 2:, :, :], images[..., 2:, :, :])  # visible half unchanged

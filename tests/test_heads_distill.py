@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lightning_mim.losses.distillation as distillation
-from lightning_mim.heads.dino import DINOHead
+from lightning_mim.heads.dino import DINOHead, drop_last_layer_gradients
 from lightning_mim.heads.pixel_shuffle import LinearPixelShuffleDecoder, pixel_shuffle_3d, pixel_unshuffle_3d
 from lightning_mim.losses.distillation import (
     DistillationCE,
@@ -171,3 +171,15 @@ def test_bad_constants_fail_at_construction():
         DistillationCE(4, center_momentum=1.5)
     with pytest.raises(ValueError):
         DistillationCE(4).teacher_probs(torch.randn(2, 4), 0.0)
+
+
+def test_dropped_last_layer_gradients_leave_only_the_last_layer_unchanged():
+    head = DINOHead(in_dim=10, out_dim=32, hidden_dim=24, bottleneck_dim=8, nlayers=2, norm_last_layer=False)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    last = [p.detach().clone() for p in head.last_layer.parameters()]
+    first = head.mlp[0].weight.detach().clone()
+    head(torch.randn(4, 10)).square().sum().backward()
+    drop_last_layer_gradients([head])
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(last, head.last_layer.parameters()))
+    assert not torch.equal(first, head.mlp[0].weight)

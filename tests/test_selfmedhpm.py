@@ -76,14 +76,14 @@ def test_non_relative_variant_and_loss_weight():
 def test_schedules_follow_the_epoch():
     model = tiny_hpm(ema_ramp=0.1)
     model._trainer = SimpleNamespace(max_epochs=100, current_epoch=5)
-    assert model.ema_momentum() == pytest.approx(0.99945)  # E_r = 10 epochs
+    assert model.teacher_momentum() == pytest.approx(0.99945)  # E_r = 10 epochs
     assert model.hard_fraction() == pytest.approx(0.5 * 6 / 100)
     model._trainer = SimpleNamespace(max_epochs=100, current_epoch=99)
-    assert model.ema_momentum() == pytest.approx(0.9999)
+    assert model.teacher_momentum() == pytest.approx(0.9999)
     assert model.hard_fraction() == pytest.approx(0.5)
     fixed = tiny_hpm(ema_ramp=100, ema_ramp_unit="epochs")
     fixed._trainer = SimpleNamespace(max_epochs=800, current_epoch=50)
-    assert fixed.ema_momentum() == pytest.approx(0.99945)
+    assert fixed.teacher_momentum() == pytest.approx(0.99945)
 
 
 def test_bad_arguments_are_rejected():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -57,3 +59,13 @@ class DINOHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = F.normalize(self.mlp(x), dim=-1)
         return self.last_layer(x)
+
+
+def drop_last_layer_gradients(heads: Iterable[DINOHead]) -> None:
+    """Forget the gradients of the heads' last layers, so the coming optimizer step leaves them unchanged.
+
+    The DINO/iBOT stabiliser of the first epochs (``freeze_last_layer_epochs``).
+    """
+    for head in heads:
+        for param in head.last_layer.parameters():
+            param.grad = None

@@ -21,6 +21,10 @@ class GuidedMask(NamedTuple):
     mask: Tensor
     hard: Tensor
 
+    def hard_share(self) -> Tensor:
+        """Share of the masked patches that were chosen by score, averaged over the batch."""
+        return self.hard.sum(dim=1).float().mean() / self.mask.sum(dim=1).float().mean().clamp_min(1.0)
+
 
 def num_hard_patches(num_masked: int, hard_fraction: float) -> int:
     """``floor(N·α)`` — how many of the ``N`` masked patches are taken by score."""

@@ -60,3 +60,8 @@ def visible_indices(mask: Tensor) -> Tensor:
         raise ValueError("every sample must have the same number of visible tokens")
     order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
     return order[:, : int(counts[0])]
+
+
+def masked_indices(mask: Tensor) -> Tensor:
+    """Indices of the masked tokens of a ``B, L`` mask with equal counts per row, in token order."""
+    return visible_indices(~mask)

@@ -1,10 +1,16 @@
-"""Panel volumes of a masked-reconstruction step (input, masked input, reconstruction), shared by methods."""
+"""Panel volumes of masked-reconstruction steps (input, masked input, reconstruction, per-patch heat maps), shared by methods."""
 
 from __future__ import annotations
 
 import torch
 
 from lightning_mim.masking.grid import patchify, unflatten_mask, unpatchify, upsample_mask
+from lightning_mim.masking.guided import GuidedMask
+
+
+def patch_values_to_volume(values: torch.Tensor, grid, patch: int) -> torch.Tensor:
+    """``B, L`` per-patch values (or a mask) → ``B, 1, D, H, W`` volume holding each patch's value on its voxels."""
+    return upsample_mask(unflatten_mask(values, grid), patch).unsqueeze(1)
 
 
 def paste_reconstruction(images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch: int, grid, norm_pix: bool) -> torch.Tensor:
@@ -26,9 +32,19 @@ def reconstruction_visuals(images: torch.Tensor, pred: torch.Tensor, mask: torch
 
     ``pred`` holds ``B, L, p³C`` patches and ``mask`` is ``B, L`` (True = masked).
     """
-    voxel = upsample_mask(unflatten_mask(mask, grid), patch).unsqueeze(1)
+    voxel = patch_values_to_volume(mask, grid, patch)
     return {
         "input": images,
         "masked": images * (~voxel),
         "reconstruction": paste_reconstruction(images, pred.detach(), mask, patch, grid, norm_pix),
     }
+
+
+def guided_mask_visuals(images: torch.Tensor, pred: torch.Tensor, chosen: GuidedMask, scores: torch.Tensor,
+                        score_name: str, patch: int, grid, norm_pix: bool) -> dict[str, torch.Tensor]:
+    """Panels of a teacher-guided step: :func:`reconstruction_visuals` under ``chosen.mask``, the teacher's
+    per-patch ``scores`` as ``heat/<score_name>`` and ``heat/mask`` (0 visible, 1 random, 2 hard)."""
+    visuals = reconstruction_visuals(images, pred, chosen.mask, patch, grid, norm_pix)
+    visuals[f"heat/{score_name}"] = patch_values_to_volume(scores.detach().float(), grid, patch)
+    visuals["heat/mask"] = patch_values_to_volume(chosen.mask.float() + chosen.hard.float(), grid, patch)
+    return visuals

@@ -21,14 +21,13 @@ from lightning_mim.backbones.vit import as_triple
 from lightning_mim.heads.light_decoder import DecoderNorm, Densify, LightDecoder
 from lightning_mim.losses.ranking import spearman_correlation
 from lightning_mim.losses.reconstruction import masked_patch_loss
-from lightning_mim.masking.grid import patchify, unflatten_mask, upsample_mask
+from lightning_mim.masking.grid import patchify, unflatten_mask
 from lightning_mim.masking.guided import guided_mask
 from lightning_mim.masking.random import num_masked, random_mask
-from lightning_mim.masking.visuals import reconstruction_visuals
-from lightning_mim.methods.base import ExportedEncoder, MIMModule, StepOutput
-from lightning_mim.methods.guided_schedules import GuidedMaskingSchedules
-from lightning_mim.schedules import DifficultyKind, epochs_in
-from lightning_mim.teachers import EMATeacher
+from lightning_mim.masking.visuals import guided_mask_visuals
+from lightning_mim.methods.base import ExportedEncoder, StepOutput
+from lightning_mim.methods.teacher_student import TeacherStudentModule, momentum_ramp_per_epoch
+from lightning_mim.schedules import DifficultyKind
 
 
 class SparKNetwork(nn.Module):
@@ -62,7 +61,7 @@ class SparKNetwork(nn.Module):
         return self.decoder(self.densify(coarsest_first, ~mask))
 
 
-class AnatoMask(GuidedMaskingSchedules, MIMModule):
+class AnatoMask(TeacherStudentModule):
     """AnatoMask on a sparse STU-Net encoder with SparK's light decoder.
 
     Logged besides the loss: ``hard_fraction``, ``spearman`` (teacher map vs the student's actual
@@ -112,11 +111,8 @@ class AnatoMask(GuidedMaskingSchedules, MIMModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not 0.0 <= max_hard_fraction <= 1.0:
-            raise ValueError(f"max_hard_fraction must be in [0, 1], got {max_hard_fraction}")
-        if not (0.0 <= ema_momentum_start <= 1.0 and 0.0 <= ema_momentum_end <= 1.0):
-            raise ValueError("EMA momenta must be in [0, 1]")
-        epochs_in(ema_ramp, ema_ramp_unit, 1)  # validates the pair early
+        self.init_guided_masking(difficulty_schedule, max_hard_fraction)
+        momentum = momentum_ramp_per_epoch(ema_momentum_start, ema_momentum_end, ema_ramp, ema_ramp_unit)
         encoder = STUNetEncoder(in_channels, encoder_dims, encoder_depths)
         self.cell = encoder.downsample_ratio()
         self.img_size = as_triple(img_size)
@@ -132,15 +128,11 @@ class AnatoMask(GuidedMaskingSchedules, MIMModule):
             raise ValueError(f"mask_ratio {mask_ratio} masks {self.num_masked} of {self.num_cells} cells")
         self.network = SparKNetwork(encoder, decoder_width or encoder.dims[-1], in_channels, decoder_norm,
                                     instance_norm_statistics)
-        self.teacher = EMATeacher(self.network)
+        self.init_teacher(self.network, momentum)
 
     @property
     def input_size(self) -> tuple[int, int, int]:
         return self.img_size
-
-    # ------------------------------------------------------------------ schedules
-    def after_optimizer_step(self) -> None:
-        self.teacher.update(self.network, self.ema_momentum())
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -165,20 +157,15 @@ class AnatoMask(GuidedMaskingSchedules, MIMModule):
 
         visuals = {}
         if self.capture_visuals:
-            visuals = reconstruction_visuals(images, pred, mask, self.cell, self.grid, norm_pix=True)
-            visuals["heat/teacher_loss"] = self._to_voxels(scores)
-            visuals["heat/mask"] = self._to_voxels(mask.float() + chosen.hard.float())  # 0 visible, 1 random, 2 hard
+            visuals = guided_mask_visuals(images, pred, chosen, scores, "teacher_loss", self.cell, self.grid, norm_pix=True)
         scalars = {
-            "hard_fraction": chosen.hard.sum(dim=1).float().mean() / self.num_masked,
+            "hard_fraction": chosen.hard_share(),
             # Only patches hidden under both masks have a teacher score to compare with.
             "spearman": spearman_correlation(scores, student_map.detach(), mask & initial).mean(),
-            "ema_momentum": self.ema_momentum(),
+            "ema_momentum": self.teacher_momentum(),
             "mask_ratio": mask.float().mean(),
         }
         return StepOutput(losses={"loss": loss, "reconstruction": loss.detach()}, visuals=visuals, scalars=scalars)
-
-    def _to_voxels(self, per_cell: Tensor) -> Tensor:
-        return upsample_mask(unflatten_mask(per_cell.detach().float(), self.grid), self.cell).unsqueeze(1)
 
     # ------------------------------------------------------------------ export
     def export_encoder(self) -> ExportedEncoder:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from lightning_mim.backbones.masked_vit import MaskedViT3D
 from lightning_mim.backbones.vit import unetr_encoder_export
 from lightning_mim.corruption.multicrop import random_resized_crops
-from lightning_mim.heads.dino import DINOHead
+from lightning_mim.heads.dino import DINOHead, drop_last_layer_gradients
 from lightning_mim.losses.dinov2 import (
     all_reduced_mean_rows,
     gather_rows,
@@ -20,9 +20,10 @@ from lightning_mim.losses.dinov2 import (
 )
 from lightning_mim.losses.distillation import DistillationCE, collapse_monitors
 from lightning_mim.masking.block import dinov2_masks
-from lightning_mim.methods.base import ExportedEncoder, MIMModule, StepOutput
-from lightning_mim.schedules import cosine_momentum, teacher_temperature
-from lightning_mim.teachers import EMATeacher
+from lightning_mim.masking.visuals import patch_values_to_volume
+from lightning_mim.methods.base import ExportedEncoder, StepOutput
+from lightning_mim.methods.teacher_student import TeacherStudentModule, cosine_momentum_per_step
+from lightning_mim.schedules import teacher_temperature
 
 Centering = Literal["centering", "sinkhorn_knopp"]
 
@@ -43,7 +44,7 @@ class DINOv2Network(nn.Module):
         return cls, self.dino_head(cls), self.ibot_head(tokens[:, 1:]) if patches else None
 
 
-class DINOv2(MIMModule):
+class DINOv2(TeacherStudentModule):
     """Self-distillation with an EMA teacher on multi-crop views, masked-token distillation and KoLeo.
 
     Per step, every patch of the batch gives ``2`` global crops (``img_size``) and ``num_local_crops``
@@ -124,12 +125,11 @@ class DINOv2(MIMModule):
             raise ValueError(f"centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
         if local_size % patch_size or img_size % patch_size:
             raise ValueError(f"img_size {img_size} and local_size {local_size} must be multiples of patch_size {patch_size}")
-        if not 0.0 <= momentum_start <= momentum_end <= 1.0:
-            raise ValueError(f"need 0 ≤ momentum_start ≤ momentum_end ≤ 1, got {momentum_start}, {momentum_end}")
+        momentum = cosine_momentum_per_step(momentum_start, momentum_end)
         backbone = MaskedViT3D(img_size, patch_size, in_channels, embed_dim, depth, num_heads, mlp_ratio,
                                drop_path_rate=drop_path_rate)
         self.student = DINOv2Network(backbone, out_dim, head_hidden_dim, head_bottleneck_dim)
-        self.teacher = EMATeacher(self.student, exclude=("backbone.mask_token",))
+        self.init_teacher(self.student, momentum, exclude=("backbone.mask_token",))
         self.teacher.module.backbone.remove_mask_token()
         self.dino_criterion = DistillationCE(out_dim, student_temp, center_momentum)
         self.ibot_criterion = DistillationCE(out_dim, student_temp, center_momentum)
@@ -151,10 +151,6 @@ class DINOv2(MIMModule):
         hp = self.hparams
         return teacher_temperature(self.current_epoch, hp.teacher_temp_warmup_epochs, hp.teacher_temp_start,
                                    hp.teacher_temp_end)
-
-    def teacher_momentum(self) -> float:
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 0
-        return cosine_momentum(self.global_step, total, self.hparams.momentum_start, self.hparams.momentum_end)
 
     def targets(self, criterion: DistillationCE, logits: Tensor, temperature: float) -> Tensor:
         if self.hparams.centering == "sinkhorn_knopp":
@@ -228,24 +224,16 @@ class DINOv2(MIMModule):
 
     def _visuals(self, global_views: Tensor, local_views: Tensor, masks: Tensor, b: int) -> dict[str, Tensor]:
         """First sample: both global crops, the token mask of the more-masked one, its first local crop (resized)."""
-        from lightning_mim.masking.grid import unflatten_mask, upsample_mask
-
         pick = 0 if masks[0].sum() >= masks[b].sum() else b
-        voxel = upsample_mask(unflatten_mask(masks[pick : pick + 1], self.encoder.grid), self.encoder.patch_size)
+        voxel = patch_values_to_volume(masks[pick : pick + 1], self.encoder.grid, self.encoder.patch_size)
         local = torch.nn.functional.interpolate(local_views[:1].float(), size=global_views.shape[2:], mode="nearest")
         return {"global1": global_views[:1], "global2": global_views[b : b + 1],
-                "masked_global": global_views[pick : pick + 1] * ~voxel.unsqueeze(1),
-                "heat/mask": voxel.unsqueeze(1).float(), "local1": local}
+                "masked_global": global_views[pick : pick + 1] * ~voxel, "heat/mask": voxel.float(), "local1": local}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """No gradient for the heads' last layers during the first epochs (DINO stabiliser)."""
         if self.current_epoch < self.hparams.freeze_last_layer_epochs:
-            for head in (self.student.dino_head, self.student.ibot_head):
-                for param in head.last_layer.parameters():
-                    param.grad = None
-
-    def after_optimizer_step(self) -> None:
-        self.teacher.update(self.student, self.teacher_momentum())
+            drop_last_layer_gradients((self.student.dino_head, self.student.ibot_head))
 
     def export_encoder(self) -> ExportedEncoder:
         """The student ViT for MONAI ``UNETR`` (``vit.*``); raises when UNETR cannot hold it (12 blocks, 16³ patches)."""

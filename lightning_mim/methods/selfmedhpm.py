@@ -17,18 +17,17 @@ from torch import nn
 from lightning_mim.heads.mae_decoder import MAEDecoder
 from lightning_mim.losses.ranking import pairwise_ranking_loss, spearman_correlation, zscore_regression_loss
 from lightning_mim.losses.reconstruction import masked_patch_loss
-from lightning_mim.masking.grid import patchify, unflatten_mask, upsample_mask
+from lightning_mim.masking.grid import patchify
 from lightning_mim.masking.guided import guided_mask
 from lightning_mim.masking.random import visible_indices
-from lightning_mim.masking.visuals import reconstruction_visuals
-from lightning_mim.methods.base import ExportedEncoder, StepOutput
-from lightning_mim.methods.guided_schedules import GuidedMaskingSchedules
-from lightning_mim.methods.mae import MAE3D
-from lightning_mim.schedules import DifficultyKind, epochs_in
-from lightning_mim.teachers import EMATeacher
+from lightning_mim.masking.visuals import guided_mask_visuals
+from lightning_mim.methods.base import StepOutput
+from lightning_mim.methods.mae_base import MaskedAutoencoderBase
+from lightning_mim.methods.teacher_student import TeacherStudentModule, momentum_ramp_per_epoch
+from lightning_mim.schedules import DifficultyKind
 
 
-class SelfMedHPM(GuidedMaskingSchedules, MAE3D):
+class SelfMedHPM(TeacherStudentModule, MaskedAutoencoderBase):
     """MAE-3D + HPM loss predictor + EMA teacher that chooses the next masks (easy-to-hard).
 
     The teacher is an EMA of the encoder and both decoder branches (as HPM's ``ModelEma`` of the whole
@@ -53,9 +52,11 @@ class SelfMedHPM(GuidedMaskingSchedules, MAE3D):
         ema_momentum_start, ema_momentum_end: EMA decay ramps linearly from start to end …
         ema_ramp, ema_ramp_unit: … over ``E_r`` epochs, given as a fraction of the run (default 0.1·E,
             the choice of methods.md §5.2 for 10,000-epoch runs) or in epochs (HPM: 100).
-        **kwargs: :class:`MAE3D` arguments (ViT, decoder, ``mask_ratio`` — default 0.75; SelfMedMAE's
+        **kwargs: :class:`MaskedAutoencoderBase` arguments (ViT, decoder, ``mask_ratio`` — default 0.75; SelfMedMAE's
             BTCV script used 0.125, so sweep {0.125, 0.5, 0.75} — and the optimisation arguments).
     """
+
+    export_name = "selfmedhpm"
 
     def __init__(
         self,
@@ -73,13 +74,10 @@ class SelfMedHPM(GuidedMaskingSchedules, MAE3D):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not 0.0 <= max_hard_fraction <= 1.0:
-            raise ValueError(f"max_hard_fraction must be in [0, 1], got {max_hard_fraction}")
         if loss_predictor_weight < 0:
             raise ValueError(f"loss_predictor_weight must be >= 0, got {loss_predictor_weight}")
-        if not (0.0 <= ema_momentum_start <= 1.0 and 0.0 <= ema_momentum_end <= 1.0):
-            raise ValueError("EMA momenta must be in [0, 1]")
-        epochs_in(ema_ramp, ema_ramp_unit, 1)  # validates the pair early
+        self.init_guided_masking(difficulty_schedule, max_hard_fraction)
+        momentum = momentum_ramp_per_epoch(ema_momentum_start, ema_momentum_end, ema_ramp, ema_ramp_unit)
         hp = self.hparams
         self.loss_predictor = MAEDecoder(
             self.encoder.embed_dim,
@@ -90,15 +88,11 @@ class SelfMedHPM(GuidedMaskingSchedules, MAE3D):
             predictor_heads or hp.decoder_heads,
             hp.mlp_ratio,
         )
-        self.teacher = EMATeacher(self.student_parts())
+        self.init_teacher(self.student_parts(), momentum)
 
     def student_parts(self) -> nn.ModuleDict:
         """The networks the teacher mirrors, under the names the teacher uses (not registered twice)."""
         return nn.ModuleDict({"encoder": self.encoder, "decoder": self.decoder, "loss_predictor": self.loss_predictor})
-
-    # ------------------------------------------------------------------ schedules
-    def after_optimizer_step(self) -> None:
-        self.teacher.update(self.student_parts(), self.ema_momentum())
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -130,25 +124,13 @@ class SelfMedHPM(GuidedMaskingSchedules, MAE3D):
 
         visuals = {}
         if self.capture_visuals:
-            visuals = reconstruction_visuals(images, pred, mask, enc.patch_size, enc.grid, hp.norm_pix_loss)
-            visuals["heat/predicted_loss"] = self._to_voxels(scores)
-            visuals["heat/mask"] = self._to_voxels(mask.float() + chosen.hard.float())  # 0 visible, 1 random, 2 hard
+            visuals = guided_mask_visuals(images, pred, chosen, scores, "predicted_loss", enc.patch_size, enc.grid,
+                                          hp.norm_pix_loss)
         scalars = {
-            "hard_fraction": chosen.hard.sum(dim=1).float().mean() / max(self.num_masked, 1),
+            "hard_fraction": chosen.hard_share(),
             "spearman": spearman_correlation(predicted_loss.detach(), actual, mask).mean(),
-            "ema_momentum": self.ema_momentum(),
+            "ema_momentum": self.teacher_momentum(),
             "mask_ratio": mask.float().mean(),
         }
         losses = {"loss": total, "reconstruction": rec_loss.detach(), "loss_prediction": pred_loss.detach()}
         return StepOutput(losses=losses, visuals=visuals, scalars=scalars)
-
-    def export_encoder(self) -> ExportedEncoder:
-        """The student ViT for MONAI ``UNETR`` (see :meth:`MAE3D.export_encoder`)."""
-        export = super().export_encoder()
-        export.metadata["method"] = "selfmedhpm"
-        return export
-
-    def _to_voxels(self, per_token: torch.Tensor) -> torch.Tensor:
-        """``B, L`` token values → ``B, 1, D, H, W`` volume for the panels."""
-        grid = unflatten_mask(per_token.detach().float(), self.encoder.grid)
-        return upsample_mask(grid, self.encoder.patch_size).unsqueeze(1)

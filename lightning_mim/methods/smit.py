@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_mim.backbones.swin import MaskedSwinEncoder, SwinConfigName
-from lightning_mim.heads.dino import DINOHead
+from lightning_mim.heads.dino import DINOHead, drop_last_layer_gradients
 from lightning_mim.heads.pixel_shuffle import LinearPixelShuffleDecoder
 from lightning_mim.losses.distillation import (
     DistillationCE,
@@ -20,9 +20,9 @@ from lightning_mim.losses.distillation import (
 from lightning_mim.losses.reconstruction import masked_voxel_l1
 from lightning_mim.masking.grid import flatten_mask, voxel_mask
 from lightning_mim.masking.random import random_cell_mask
-from lightning_mim.methods.base import ExportedEncoder, MIMModule, StepOutput
-from lightning_mim.schedules import cosine_momentum, teacher_temperature
-from lightning_mim.teachers import EMATeacher
+from lightning_mim.methods.base import ExportedEncoder, StepOutput
+from lightning_mim.methods.teacher_student import TeacherStudentModule, cosine_momentum_per_step
+from lightning_mim.schedules import teacher_temperature
 
 #: Index of SMIT's distillation tap among the encoder's five feature maps (output of the 3rd merging).
 TAP_STAGE = 3
@@ -62,7 +62,7 @@ class SMITNetwork(nn.Module):
         return SMITOutput(features[-1], self.cls_head(tap.mean(dim=1)), patch_head(tap))
 
 
-class SMIT(MIMModule):
+class SMIT(TeacherStudentModule):
     """Self-distilled masked image transformer.
 
     Per step: two overlapping views per volume (``batch["views"]``, ``B×2×C×D×H×W``) → an independent
@@ -145,8 +145,7 @@ class SMIT(MIMModule):
         super().__init__(**kwargs)
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask ratio must be in (0, 1), got {mask_ratio}")
-        if not 0.0 <= momentum_start <= momentum_end <= 1.0:
-            raise ValueError(f"need 0 ≤ momentum_start ≤ momentum_end ≤ 1, got {momentum_start}, {momentum_end}")
+        momentum = cosine_momentum_per_step(momentum_start, momentum_end)
         swin = MaskedSwinEncoder.from_config(
             encoder, img_size=img_size, in_channels=in_channels, feature_size=feature_size, depths=depths,
             num_heads=num_heads, window_size=window_size, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
@@ -160,7 +159,7 @@ class SMIT(MIMModule):
         self.encoder_config = encoder
         self.student = SMITNetwork(swin, out_dim, head_hidden_dim, head_bottleneck_dim, head_layers, norm_last_layer,
                                    shared_head)
-        self.teacher = EMATeacher(self.student, exclude=("encoder.mask_token",))
+        self.init_teacher(self.student, momentum, exclude=("encoder.mask_token",))
         self.teacher.module.encoder.remove_mask_token()
         self.mip_head = LinearPixelShuffleDecoder(swin.stage_channels[-1], swin.total_stride, in_channels)
         self.cls_criterion = DistillationCE(out_dim, student_temp, center_momentum)
@@ -183,11 +182,6 @@ class SMIT(MIMModule):
         patch = teacher_temperature(epoch, hp.teacher_temp_patch_warmup_epochs - 1, hp.teacher_temp_patch_start,
                                     hp.teacher_temp_patch_end, hp.teacher_temp_patch_delay_epochs)
         return cls, patch
-
-    def teacher_momentum(self) -> float:
-        """EMA momentum for the update that follows optimizer step ``global_step``."""
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 0
-        return cosine_momentum(self.global_step, total, self.hparams.momentum_start, self.hparams.momentum_end)
 
     # ------------------------------------------------------------------ step
     def shared_step(self, batch: dict[str, Any]) -> StepOutput:
@@ -263,12 +257,7 @@ class SMIT(MIMModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Discard the heads' last-layer gradients during the first epochs (DINO/iBOT stabiliser)."""
         if self.current_epoch < self.hparams.freeze_last_layer_epochs:
-            for head in self.student.heads():
-                for param in head.last_layer.parameters():
-                    param.grad = None
-
-    def after_optimizer_step(self) -> None:
-        self.teacher.update(self.student, self.teacher_momentum())
+            drop_last_layer_gradients(self.student.heads())
 
     def export_encoder(self) -> ExportedEncoder:
         return ExportedEncoder(

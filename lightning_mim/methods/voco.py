@@ -20,7 +20,8 @@ from lightning_mim.losses.voco import (
     overlap_labels,
     position_loss,
 )
-from lightning_mim.methods.base import ExportedEncoder, MIMModule, StepOutput
+from lightning_mim.methods.base import ExportedEncoder, StepOutput
+from lightning_mim.methods.teacher_student import TeacherStudentModule, constant_momentum
 from lightning_mim.teachers import EMATeacher
 
 TeacherKind = Literal["none", "projector", "full"]
@@ -77,7 +78,7 @@ def augment_crops(crops: Tensor, generator: torch.Generator, flip_prob: float, r
     return torch.stack(out)
 
 
-class VoCo(MIMModule):
+class VoCo(TeacherStudentModule):
     """Random crops regress their overlap with a grid of base crops from pooled-feature similarities.
 
     The data module delivers one ``grid × crop`` region per item (``patch_size``). Per volume the
@@ -153,6 +154,7 @@ class VoCo(MIMModule):
             raise ValueError(f"feature_dropout must be in [0, 1), got {feature_dropout}")
         if negative_form not in ("log", "square"):
             raise ValueError(f"negative_form must be 'log' or 'square', got {negative_form!r}")
+        momentum = constant_momentum(teacher_momentum)
         swin = MaskedSwinEncoder.from_config("swin_unetr", img_size=crop_size, in_channels=in_channels,
                                              feature_size=feature_size, depths=depths, num_heads=num_heads,
                                              window_size=window_size, use_checkpoint=use_checkpoint)
@@ -163,9 +165,9 @@ class VoCo(MIMModule):
         self.dropout = nn.Dropout(feature_dropout)
         self.teacher: EMATeacher | None = None
         if teacher == "projector":
-            self.teacher = EMATeacher(self.projector)
+            self.init_teacher(self.projector, momentum)
         elif teacher == "full":
-            self.teacher = EMATeacher(nn.ModuleDict({"backbone": self.backbone, "projector": self.projector}))
+            self.init_teacher(nn.ModuleDict({"backbone": self.backbone, "projector": self.projector}), momentum)
 
     @property
     def input_size(self) -> tuple[int, int, int]:
@@ -275,13 +277,6 @@ class VoCo(MIMModule):
         r = self.hparams.num_random_crops
         return {"region": regions[:1], "heat/random_crop_and_grid": footprint, "random_crop": crops[:1],
                 "best_base_crop": crops[r + best : r + best + 1]}
-
-    def after_optimizer_step(self) -> None:
-        if self.teacher is None:
-            return
-        source = self.projector if self.hparams.teacher == "projector" else nn.ModuleDict(
-            {"backbone": self.backbone, "projector": self.projector})
-        self.teacher.update(source, self.hparams.teacher_momentum)
 
     def export_encoder(self) -> ExportedEncoder:
         """``swinViT.*`` plus the pre-trained ``encoder1..4``/``encoder10`` blocks, under MONAI ``SwinUNETR`` names."""
