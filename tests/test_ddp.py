@@ -66,6 +66,10 @@ def tiny_config(name: str) -> Path:
     return path
 
 
+#: Shared bases in lightning_mim.methods, not methods (no recipe of their own).
+METHOD_BASE_MODULES = ("base", "teacher_student", "mae_base")
+
+
 def method_classes() -> set[str]:
     """``module.Class`` of every MIMModule subclass defined in ``lightning_mim.methods``."""
     import lightning_mim.methods as methods
@@ -73,6 +77,8 @@ def method_classes() -> set[str]:
 
     names = set()
     for info in pkgutil.iter_modules(methods.__path__):
+        if info.name in METHOD_BASE_MODULES:
+            continue
         module = importlib.import_module(f"lightning_mim.methods.{info.name}")
         for obj in vars(module).values():
             if inspect.isclass(obj) and issubclass(obj, MIMModule) and obj is not MIMModule \
