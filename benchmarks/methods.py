@@ -479,6 +479,7 @@ class MethodBenchConfig:
     repeats: int = 5
     monai_repeats: int = 7
     overrides: dict[str, Any] = field(default_factory=dict)  # applied to every method (quick mode: tiny models)
+    only: tuple[str, ...] = ()  # table names of the methods to run (empty: all); the MONAI comparison always runs
 
     @staticmethod
     def full() -> MethodBenchConfig:
@@ -518,6 +519,11 @@ def median(run: dict, key: str) -> float | None:
 
 def run(config: MethodBenchConfig, quick: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     methods, notes = available_methods()
+    if config.only:
+        unknown = sorted(set(config.only) - {spec.name for spec in METHODS})
+        if unknown:
+            raise ValueError(f"--methods: unknown {unknown}; choose from {[spec.name for spec in METHODS]}")
+        methods = [spec for spec in methods if spec.name in config.only]
     runs: dict[str, Any] = {}
     for spec in methods:
         overrides = method_overrides(spec, quick)

@@ -3,6 +3,7 @@
     python -m benchmarks.run_all             # the full set (~20 min on 2 cores)
     python -m benchmarks.run_all --quick     # tiny sizes, to check the scripts (writes quick.{json,md})
     python -m benchmarks.run_all --sections methods evaluation
+    python -m benchmarks.run_all --sections data_path methods --methods MAE-3D --output corpus
 
 Timings are only meaningful on an otherwise idle machine: the load average is recorded at the start
 and the end, and a warning is written into the results when the machine was busy.
@@ -11,6 +12,7 @@ and the end, and a warning is written into the results when the machine was busy
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and fewer points (checks the scripts)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--methods", nargs="+", default=[], metavar="NAME",
+                        help="only these rows of the methods section, as its table names them (e.g. MAE-3D 'SMIT')")
     parser.add_argument("--output", default=None, help="results file stem (default: latest, or quick with --quick)")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -51,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
     attempt("data_path", lambda: data_path.run(
         data_path.DataBenchConfig.quick() if quick else data_path.DataBenchConfig.full(), log=log))
-    attempt("methods", lambda: methods.run(
-        methods.MethodBenchConfig.quick() if quick else methods.MethodBenchConfig.full(), quick=quick, log=log))
+    method_config = methods.MethodBenchConfig.quick() if quick else methods.MethodBenchConfig.full()
+    attempt("methods", lambda: methods.run(dataclasses.replace(method_config, only=tuple(args.methods)),
+                                           quick=quick, log=log))
     attempt("evaluation", lambda: evaluation.run(
         evaluation.EvalBenchConfig.quick() if quick else evaluation.EvalBenchConfig.full(), log=log))
     attempt("scaling", lambda: scaling.run(

@@ -168,6 +168,11 @@ def test_the_method_table_lists_every_method_module():
     assert all(spec.bare in methods.BARE_STEPS for spec in found)
 
 
+def test_method_filter_names_an_unknown_row_before_anything_runs():
+    with pytest.raises(ValueError, match=r"--methods: unknown \['MAE'\]; choose from \['MAE-3D'"):
+        methods.run(methods.MethodBenchConfig(only=("MAE-3D", "MAE")), quick=True)
+
+
 @pytest.mark.parametrize("name", sorted(TINY_OVERRIDES))
 def test_method_step_bare_networks_and_extra_forward_run(name):
     spec = methods.spec_named(name)
