@@ -347,7 +347,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def close_wandb_run() -> None:
-    """Finish the stage's W&B run so a later CLI call in the same process starts its own."""
+    """Finish the stage's W&B run so a later CLI call in the same process starts its own, and wait
+    until its files are complete: ``finish`` returns before the W&B service has closed the run's
+    transaction log, so a caller reading the run right after a CLI call could see it cut short;
+    ``teardown`` waits for the service to exit (the next run starts a new one)."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
+        wandb.teardown()

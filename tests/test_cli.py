@@ -31,13 +31,21 @@ def cli_output(capsys, *args: str) -> str:
 
 @pytest.mark.timeout(300)
 def test_fit_writes_checkpoint_wandb_run_config_and_panels(tmp_path):
+    import psutil
+    from test_slurm import wandb_records
+
     main(["fit", *configs(*MAE), *run_dir_args(tmp_path)])
+    # main() returns once the W&B service has exited, so the run's log is complete (it ends with the exit
+    # record): a caller reading it right away never sees a cut-short run
+    services = [p.name() for p in psutil.Process().children(recursive=True) if "wandb" in p.name()]
+    assert not services, f"the W&B service is still running after main() returned: {services}"
     run_id = (tmp_path / "wandb_run_id.txt").read_text().strip()
     run = tmp_path / "lightning-mim" / run_id
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] > 0
     offline = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     assert offline and list(offline[0].glob("*.wandb")), "no W&B offline run folder"
+    assert [r.WhichOneof("record_type") for r in wandb_records(offline[0])][-1] == "exit"
     saved = yaml.safe_load((run / "lightning_config.yaml").read_text())
     assert saved["model"]["class_path"] == "lightning_mim.methods.mae.MAE3D"
     assert saved["model"]["init_args"]["embed_dim"] == 48
