@@ -1,39 +1,51 @@
 """A run never silently becomes another run: auto-resume continues a run only with its own config.
 
-Through the real CLI (subprocesses) into one output folder: the same command resumes its run; a
-changed hyper-parameter or a changed width starts a new run with its own folder (no traceback) and
-says what differed; the first run's files stay byte for byte as they were; ``--resume_with_changes``
-continues the latest run and records the changes beside (never over) its saved config; a
-``--trainer.default_root_dir`` that would not hold the run's outputs is refused in one line.
+Through the real CLI (its ``main``, in this process, as ``python -m lightning_mim`` calls it) into one
+output folder: the same command resumes its run; a changed hyper-parameter or a changed width starts a
+new run with its own folder (no traceback) and says what differed; the first run's files stay byte for
+byte as they were; ``--resume_with_changes`` continues the latest run and records the changes beside
+(never over) its saved config; a ``--trainer.default_root_dir`` that would not hold the run's outputs is
+refused in one line.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
+import logging
 from pathlib import Path
 
 import pytest
 import yaml
-from reliability_probes import REPO, cli_command, subprocess_env
+from reliability_probes import REPO
 
 # One optimizer step, no validation, no panels: each call is a few seconds of model work.
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0",
         "--trainer.num_sanity_val_steps", "0", "--data.init_args.phantom_cases", "2", "--data.init_args.val_fraction", "0.5"]
 
 
-def fit(tmp_path: Path, *extra: str, root: Path | None = None, args_only: bool = False):
+def fit(tmp_path: Path, *extra: str, root: Path | None = None, run: bool = True) -> str | list[str]:
+    """Runs the CLI and returns what it logged (``run=False``: only its arguments)."""
     runs = tmp_path / "runs"
     args = ["fit", "--config", str(REPO / "experiments/mae.yaml"), "--config", str(REPO / "tests/configs/mae_tiny.yaml"),
             "--trainer.callbacks=[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {save_last: true}}]",
             *TINY, "--trainer.default_root_dir", str(root or runs), "--trainer.logger.init_args.save_dir", str(runs),
             "--data.init_args.phantom_root", str(tmp_path / "phantoms"),
             "--data.init_args.cache_dir", str(tmp_path / "cache"), *extra]
-    if args_only:
+    if not run:
         return args
-    return subprocess.run(cli_command(*args), cwd=REPO, env=subprocess_env(), capture_output=True, text=True, check=False,
-                          timeout=300)
+    from lightning_mim.cli import main
+
+    messages: list[str] = []
+    recorder = logging.Handler(logging.INFO)
+    recorder.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("lightning.pytorch")  # where rank_zero_info writes (to stderr, on the console)
+    logger.addHandler(recorder)
+    try:
+        assert main(args) == 0
+    finally:
+        logger.removeHandler(recorder)
+    return "\n".join(messages)
 
 
 def run_folders(tmp_path: Path) -> set[str]:
@@ -45,42 +57,37 @@ def fingerprint(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def ok(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    return result.stderr
-
-
 @pytest.mark.timeout(900)
 def test_auto_resume_continues_only_the_run_started_with_the_same_config(tmp_path):
     runs = tmp_path / "runs" / "lightning-mim"
-    ok(fit(tmp_path))
+    fit(tmp_path)
     (first,) = run_folders(tmp_path)
     first_files = fingerprint(runs / first)
     assert yaml.safe_load((runs / first / "lightning_config.yaml").read_text())["model"]["init_args"]["lr"] != 1e-3
 
     # a changed hyper-parameter: a new run, one line naming the setting, the first run untouched
-    stderr = ok(fit(tmp_path, "--model.init_args.lr", "1e-3"))
+    logged = fit(tmp_path, "--model.init_args.lr", "1e-3")
     (second,) = run_folders(tmp_path) - {first}
-    line = next(line for line in stderr.splitlines() if f"new run {second}" in line)
+    line = next(line for line in logged.splitlines() if f"new run {second}" in line)
     assert f"latest run {first}" in line and "model.init_args.lr" in line and "0.001" in line, line
-    assert "auto-resume" not in stderr
+    assert "auto-resume" not in logged
     assert yaml.safe_load((runs / second / "lightning_config.yaml").read_text())["model"]["init_args"]["lr"] == 1e-3
     assert (runs / second / "checkpoints" / "last.ckpt").is_file()
 
     # a changed width: a new run too, not a state-dict mismatch
-    stderr = ok(fit(tmp_path, "--model.init_args.embed_dim", "24"))
+    logged = fit(tmp_path, "--model.init_args.embed_dim", "24")
     (third,) = run_folders(tmp_path) - {first, second}
-    assert "model.init_args.embed_dim" in next(line for line in stderr.splitlines() if f"new run {third}" in line)
+    assert "model.init_args.embed_dim" in next(line for line in logged.splitlines() if f"new run {third}" in line)
 
     # the first command again: it continues the first run (its config matches), nothing new
-    stderr = ok(fit(tmp_path))
-    assert f"auto-resume: continuing from {runs / first / 'checkpoints' / 'last.ckpt'}" in stderr
+    logged = fit(tmp_path)
+    assert f"auto-resume: continuing from {runs / first / 'checkpoints' / 'last.ckpt'}" in logged
     assert run_folders(tmp_path) == {first, second, third}
     assert fingerprint(runs / first) == first_files
 
     # explicitly allowed changes continue the latest run and are recorded beside its saved config
-    stderr = ok(fit(tmp_path, "--model.init_args.lr", "2e-3", "--resume_with_changes", "true"))
-    assert f"continuing from {runs / first / 'checkpoints' / 'last.ckpt'}" in stderr
+    logged = fit(tmp_path, "--model.init_args.lr", "2e-3", "--resume_with_changes", "true")
+    assert f"continuing from {runs / first / 'checkpoints' / 'last.ckpt'}" in logged
     assert run_folders(tmp_path) == {first, second, third}
     assert fingerprint(runs / first)["lightning_config.yaml"] == first_files["lightning_config.yaml"]
     (change,) = [json.loads(line) for line in (runs / first / "config_changes.jsonl").read_text().splitlines()]
@@ -92,7 +99,7 @@ def test_auto_resume_continues_only_the_run_started_with_the_same_config(tmp_pat
 def test_a_default_root_dir_that_would_not_hold_the_outputs_is_refused(tmp_path):
     from lightning_mim.cli import main
 
-    args = fit(tmp_path, root=tmp_path / "elsewhere", args_only=True)
+    args = fit(tmp_path, root=tmp_path / "elsewhere", run=False)
     with pytest.raises(SystemExit) as refused:  # a one-line message (SystemExit prints it without a traceback)
         main(args)
     message = str(refused.value)
