@@ -99,13 +99,26 @@ def test_phantom_pools_are_disjoint_and_keep_their_test_split(tmp_path):
 
 
 # --------------------------------------------------------------------------- the study, fast mode
-def test_fast_study_end_to_end_resumes_and_reproduces_its_table(tmp_path, monkeypatch, capsys):
-    from lightning_mim.study.runner import main
+def test_fast_demo_and_study_end_to_end_resume_and_reproduce_their_table(tmp_path, monkeypatch, capsys):
+    """``demo --fast`` (the short study: MAE-3D, pre-train, export, probe and fine-tune vs scratch) prints
+    the per-organ table; ``study`` with the demo's config then reuses every arm, and recomputing three
+    arms from scratch gives the same encoder and the same table. One run of both commands, whose fast
+    modes run the same arms, keeps the default suite short."""
+    from lightning_mim.cli import main
+    from lightning_mim.demo import DEMO_RECIPE
+    from lightning_mim.recipes import find_recipe
+    from lightning_mim.segmentation.weights import read_encoder_file
 
     monkeypatch.setenv("LMIM_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("LMIM_CACHE_DIR", str(tmp_path / "cache"))
     output = tmp_path / "study"
-    assert main(["--fast", "true", "--output", str(output), "--results", str(tmp_path / "results")]) == 0
+    assert main(["demo", "--fast", "true", "--output", str(output), "--results", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    assert "ETA" in out and "pre-train mae3d: done" in out
+    assert "| frozen probe (1 labelled) | liver |" in out and "| fine-tune, 1 labelled | pancreas |" in out
+    exported = read_encoder_file(next(output.glob("pretrain/mae3d-*/encoder.pt")))  # by the EncoderExport callback
+    assert exported.target == "unetr" and exported.method == "mae3d" and exported.meta["global_step"] == 2
+
     report = output / "report"
     table = json.loads((report / "study.json").read_text())["rows"]
     csv_before = (report / "study.csv").read_text()
@@ -116,22 +129,22 @@ def test_fast_study_end_to_end_resumes_and_reproduces_its_table(tmp_path, monkey
     assert 0.0 <= mean["dice_pretrained_mean"] <= 1.0 and 0.0 <= mean["nsd_scratch_mean"] <= 1.0
     assert mean["dice_ci_low"] <= mean["dice_difference"] <= mean["dice_ci_high"]
     assert (report / "study_label_efficiency.png").stat().st_size > 0
-    assert (tmp_path / "results" / "study-phantoms.md").is_file()
+    assert (tmp_path / "results" / "study-demo.md").is_file()
     arms = sorted(output.glob("*/*/result.json"))
     assert len(arms) == 1 + 2 * 2 * 2  # pre-training + (probe, fine-tune) × 2 seeds × (pre-trained, scratch)
     assert all((a.parent / "command.sh").read_text().count("python -m lightning_mim ") >= 1 for a in arms)
 
-    # Re-run: every arm is reused. Then recompute the pre-training and two evaluation arms from scratch:
-    # the same seeds give the same encoder and the same table.
-    capsys.readouterr()
-    assert main(["--fast", "true", "--output", str(output)]) == 0
+    # The study command on the same config: every arm is reused. Then recompute the pre-training and two
+    # evaluation arms from scratch: the same seeds give the same encoder and the same table.
+    study = ["study", "--config", str(find_recipe(DEMO_RECIPE)), "--fast", "true", "--output", str(output)]
+    assert main(study) == 0
     lines = capsys.readouterr().out.splitlines()
     assert not any(": running" in line for line in lines) and sum("reused" in line for line in lines) == len(arms)
     assert (report / "study.csv").read_text() == csv_before
     for result in [next(output.glob("pretrain/*/result.json")), next(output.glob("probe/scratch*-s1-*/result.json")),
                    next(output.glob("finetune/mae3d*-s0-*/result.json"))]:
         result.unlink()
-    assert main(["--fast", "true", "--output", str(output)]) == 0
+    assert main(study) == 0
     lines = capsys.readouterr().out.splitlines()
     assert sum(": running" in line for line in lines) == 3
     assert (report / "study.csv").read_text() == csv_before
