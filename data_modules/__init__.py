@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "base": ("VolumeDataModule",),
     "cache": ("CachedVolume", "default_cache_dir", "ensure_cached", "read_cached_array", "volume_subject"),
     "phantoms": ("ORGAN_NAMES", "default_phantom_root", "ensure_phantom_cohort"),
-    "patch_queue": ("PatchQueueDataModule",),
     "presets": ("PRESETS", "Preprocessing", "PreprocessingError", "preset", "resolve_preprocessing"),
     "pretrain": ("FixedPatchDataset", "PatchCollator", "PretrainDataModule", "collate_views"),
     "sources": (

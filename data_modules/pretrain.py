@@ -2,8 +2,9 @@
 
 Data path, and why:
 
-* ``prepare_data`` (one process per node) and ``setup`` (every process) discover the cases, check
-  them (:mod:`data_modules.validation`: readable, 3D, finite, plausible geometry; results cached)
+* ``prepare_data`` (one process per node) and ``setup`` (every process), through the shared base
+  :class:`~data_modules.base.VolumeDataModule`, discover the cases, check them
+  (:mod:`data_modules.validation`: readable, 3D, finite, plausible geometry; results cached)
   and preprocess them into the on-disk cache (:mod:`data_modules.cache`) on the same decode
   (:mod:`data_modules.prepare`); bad cases fail there, all together, before the first step - or
   are skipped with ``on_bad_case: skip``. ``python -m lightning_mim preprocess`` (same config) does
@@ -18,8 +19,8 @@ Data path, and why:
   subjects (``drop_last=False``) so every rank runs the same number of batches (unequal counts
   deadlock collectives); when the subject count is not divisible by the world size, a few subjects
   are therefore seen twice per epoch, on different ranks. Lightning does not reach this nested
-  sampler: call :meth:`PretrainDataModule.set_epoch` at every train-epoch start (the method base
-  class does), and build the Trainer with ``use_distributed_sampler=False``.
+  sampler: each pass sets it to the trainer's epoch as it starts (the one epoch hand-off, in
+  :class:`~data_modules.base.VolumeDataModule`); build the Trainer with ``use_distributed_sampler=False``.
 * The training loader is a :class:`~data_modules.resumable.ResumableLoader`: each epoch's queue,
   patch positions, shuffles, views and augmentation are a pure function of ``(seed, epoch, rank)``
   and never touch the model's random stream, and a run resumed from a mid-epoch checkpoint
@@ -38,12 +39,10 @@ from collections.abc import Sequence
 
 import torch
 import torchio as tio
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, Dataset
 
+from .base import VolumeDataModule, source_argument
 from .cache import (
-    STORAGE_FORMATS,
     CachedVolume,
     CacheStorage,
     MemoryMappedUniformSampler,
@@ -51,13 +50,10 @@ from .cache import (
     read_cached_array,
     volume_subject,
 )
-from .patch_queue import PatchQueueDataModule
-from .phantoms import ensure_phantom_cohort
-from .prepare import prepare_and_select
-from .presets import Preprocessing, resolve_preprocessing
+from .presets import Preprocessing
 from .resumable import ResumableLoader
 from .sources import Case, cases_from_csv, cases_from_datalist, cases_from_folder, combine_cases, split_by_subject
-from .validation import ON_BAD_CASE_CHOICES, OnBadCase, ValidationLimits, ValidationSettings
+from .validation import OnBadCase, ValidationLimits
 from .views import PatchAugmentation, ViewSampler, as_triple, build_view_sampler
 
 
@@ -138,7 +134,7 @@ class FixedPatchDataset(Dataset):
         return volume.case_id, self.views(patch, generator)
 
 
-class PretrainDataModule(PatchQueueDataModule):
+class PretrainDataModule(VolumeDataModule):
     """Unlabelled 3D volumes -> patches for masked-image-modeling pre-training.
 
     Args:
@@ -213,107 +209,56 @@ class PretrainDataModule(PatchQueueDataModule):
         validation_limits: ValidationLimits | None = None,
         cache_storage: CacheStorage = "float32",
     ):
-        super().__init__()
-        if cache_storage not in STORAGE_FORMATS:
-            raise ValueError(f"cache_storage must be one of {STORAGE_FORMATS}, got {cache_storage!r}")
-        if on_bad_case not in ON_BAD_CASE_CHOICES:
-            raise ValueError(f"on_bad_case must be one of {ON_BAD_CASE_CHOICES}, got {on_bad_case!r}")
-        for name, value, minimum in (
-            ("samples_per_volume", samples_per_volume, 1),
-            ("queue_length", queue_length, 1),
-            ("batch_size", batch_size, 1),
-            ("num_workers", num_workers, 0),
-            ("preprocess_workers", preprocess_workers, 0),
-            ("val_samples_per_volume", val_samples_per_volume, 1),
-            ("in_channels", in_channels, 1),
-        ):
-            if value < minimum:
-                raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        super().__init__(
+            folder=folder, csv=csv, datalist=datalist, preprocessing=preprocessing, patch_size=patch_size,
+            samples_per_volume=samples_per_volume, queue_length=queue_length, batch_size=batch_size,
+            num_workers=num_workers, preprocess_workers=preprocess_workers, seed=seed, cache_dir=cache_dir,
+            in_channels=in_channels, phantom_root=phantom_root, phantom_cases=phantom_cases,
+            phantom_shape=phantom_shape, phantom_seed=phantom_seed, on_bad_case=on_bad_case,
+            validation_limits=validation_limits, cache_storage=cache_storage)
+        if val_samples_per_volume < 1:
+            raise ValueError(f"val_samples_per_volume must be >= 1, got {val_samples_per_volume}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        self.folder, self.csv, self.datalist, self.datalist_key = folder, csv, datalist, datalist_key
-        self.patch_size = as_triple(patch_size, "patch_size")
+        self.datalist_key = datalist_key
         self.views = build_view_sampler(num_views, view_size)
         if view_size is not None and any(v > p for v, p in zip(as_triple(view_size, "view_size"), self.patch_size)):
             raise ValueError(f"view_size {view_size} must fit inside patch_size {self.patch_size}")
-        self.preprocessing = resolve_preprocessing(preprocessing).with_min_size(self.patch_size)
-        self.samples_per_volume = samples_per_volume
-        self.queue_length = queue_length
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.preprocess_workers = preprocess_workers
         self.val_fraction = val_fraction
         self.val_samples_per_volume = val_samples_per_volume
-        self.seed = seed
-        self.cache_dir = cache_dir
-        self.cache_storage = cache_storage
-        self.in_channels = in_channels
         self.augmentation = augmentation
-        self.phantom_root = phantom_root
-        self.phantom_cases = phantom_cases
-        self.phantom_shape = tuple(phantom_shape)
-        self.phantom_seed = phantom_seed
-        self.train_volumes: list[CachedVolume] | None = None
-        self.val_volumes: list[CachedVolume] = []
-        self.on_bad_case = on_bad_case
-        self.validation_limits = validation_limits
-        self.skipped_cases: list[dict] = []
-        self._selection: tuple | None = None
 
-    def discover_cases(self) -> list[Case]:
-        """All cases of the configured sources, or of the phantom cohort when none is configured."""
+    def discover(self) -> dict[str, list[Case]]:
+        """All cases of the configured sources (combined), or of the phantom cohort when none is configured;
+        training and validation are split after the checks (:meth:`make_splits`)."""
         groups = []
         if self.folder:
-            groups.append(cases_from_folder(self.folder))
+            with source_argument("folder"):
+                groups.append(cases_from_folder(self.folder))
         if self.csv:
-            groups.append(cases_from_csv(self.csv, with_labels=False))
+            with source_argument("csv"):
+                groups.append(cases_from_csv(self.csv, with_labels=False))
         if self.datalist:
-            groups.append(cases_from_datalist(self.datalist, self.datalist_key, with_labels=False))
+            with source_argument("datalist"):
+                groups.append(cases_from_datalist(self.datalist, self.datalist_key, with_labels=False))
         if not groups:
-            datalist = ensure_phantom_cohort(
-                self.phantom_root, self.phantom_cases, self.phantom_shape, seed=self.phantom_seed, report=rank_zero_info
-            )
-            groups.append(cases_from_datalist(datalist, "training", with_labels=False))
-        return combine_cases(groups)
+            groups.append(cases_from_datalist(self.phantom_datalist(), "training", with_labels=False))
+        return {"all": combine_cases(groups)}
 
-    def validation_settings(self) -> ValidationSettings:
-        """What every case is checked against (see :mod:`data_modules.validation`)."""
-        return ValidationSettings.for_preprocessing(self.preprocessing, self.patch_size, self.in_channels,
-                                                    limits=self.validation_limits)
+    def make_splits(self, cached: dict[str, list[CachedVolume]]) -> dict[str, list[CachedVolume]]:
+        """Split the usable cases by subject into train / validation (``val_fraction``, ``seed``)."""
+        train, val = split_by_subject(cached["all"], self.val_fraction, self.seed)
+        return {"train": train, "val": val}
 
-    def cases_to_check(self) -> list[Case]:
-        """Every case this configuration would read (what ``check-data`` checks)."""
-        return self.discover_cases()
+    @property
+    def train_volumes(self) -> list[CachedVolume] | None:
+        """Training subjects' cache entries (None before :meth:`setup`)."""
+        return None if self.splits is None else self.splits["train"]
 
-    def _prepared(self, cases: list[Case]) -> list[CachedVolume]:
-        """Check and preprocess ``cases`` into the cache on one decode each (:mod:`data_modules.prepare`);
-        their entries, bad ones handled by ``on_bad_case``. Computed once per case list (prepare_data, then setup)."""
-        if self._selection is None or self._selection[0] != cases:
-            volumes, skipped = prepare_and_select(
-                cases, self.validation_settings(), self.preprocessing, self.on_bad_case, self.cache_dir,
-                self.cache_storage, self.preprocess_workers, rank_zero_info, rank_zero_warn)
-            self._selection = (cases, volumes, skipped)
-        _, volumes, self.skipped_cases = self._selection
-        return volumes
-
-    def _cache(self) -> list[CachedVolume]:
-        with isolate_rng():  # whether the cache was warm must not change the training's random stream
-            return self._prepared(self.discover_cases())
-
-    def prepare_data(self) -> None:
-        """Generate the phantoms if needed and fill the cache (Lightning runs this once per node)."""
-        self._cache()
-
-    def setup(self, stage: str | None = None) -> None:
-        """Load the cache index (filling any gap) and split subjects into train / validation."""
-        if self.train_volumes is not None:
-            return
-        self.train_volumes, self.val_volumes = split_by_subject(self._cache(), self.val_fraction, self.seed)
-
-    def _require_setup(self) -> list[CachedVolume]:
-        if self.train_volumes is None:
-            raise RuntimeError("PretrainDataModule.setup() must run before the dataloaders are built")
-        return self.train_volumes
+    @property
+    def val_volumes(self) -> list[CachedVolume]:
+        """Validation subjects' cache entries (none before :meth:`setup`)."""
+        return [] if self.splits is None else self.splits["val"]
 
     def build_train_loader(self, rank: int = 0, world_size: int = 1) -> ResumableLoader:
         """The training loader of one rank: a ``tio.Queue`` (sharded when ``world_size > 1``) in a DataLoader.
@@ -321,17 +266,15 @@ class PretrainDataModule(PatchQueueDataModule):
         Wrapped in a :class:`ResumableLoader`, which rebuilds the queue and the collate generator
         for each epoch from ``(seed, epoch, rank)`` (see the module docstring).
         """
-        subjects = tio.SubjectsDataset([volume_subject(v) for v in self._require_setup()], load_getitem=False)
+        subjects = tio.SubjectsDataset([volume_subject(v) for v in self.split("train")], load_getitem=False)
         return self.queue_loader(subjects, MemoryMappedUniformSampler(self.patch_size),
                                  lambda seed: PatchCollator(self.views, self.augmentation, seed=seed), rank, world_size)
 
     def _fixed_loader(self) -> DataLoader | list:
-        self._require_setup()
-        if not self.val_volumes:
+        val_volumes = self.split("val")
+        if not val_volumes:
             return []
-        dataset = FixedPatchDataset(
-            self.val_volumes, self.patch_size, self.val_samples_per_volume, self.views, self.seed
-        )
+        dataset = FixedPatchDataset(val_volumes, self.patch_size, self.val_samples_per_volume, self.views, self.seed)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=0, collate_fn=collate_views)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -355,10 +298,7 @@ class PretrainDataModule(PatchQueueDataModule):
     def describe(self) -> dict:
         """Data settings recorded with exported encoders."""
         return {
-            "modality": self.preprocessing.modality,
-            "preprocessing": self.preprocessing.to_dict(),
-            "spacing": None if self.preprocessing.spacing is None else list(self.preprocessing.spacing),
-            "patch_size": list(self.patch_size),
+            **super().describe(),
             "num_views": self.views.num_views,
             "view_size": list(getattr(self.views, "view_size", self.patch_size)),
             "in_channels": self.in_channels,
@@ -369,6 +309,6 @@ class PretrainDataModule(PatchQueueDataModule):
                 "csv": self.csv,
                 "datalist": self.datalist,
                 "datalist_key": self.datalist_key if self.datalist else None,
-                "phantoms": not (self.folder or self.csv or self.datalist),
+                "phantoms": self.uses_phantoms,
             },
         }

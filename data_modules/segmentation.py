@@ -1,12 +1,12 @@
 """Segmentation data module: labelled volumes → label-aware training patches and whole evaluation volumes.
 
-It is built on the pre-training pieces: the same discovery (:mod:`.sources`), presets
-(:mod:`.presets`) and on-disk cache (:mod:`.cache`, which also stores the nearest-neighbour-resampled
-label maps and each case's original geometry), and the same per-rank TorchIO queue sharding as
-:class:`~data_modules.pretrain.PretrainDataModule`.
+It shares its base with :class:`~data_modules.pretrain.PretrainDataModule`
+(:class:`~data_modules.base.VolumeDataModule`): the same discovery (:mod:`.sources`), presets
+(:mod:`.presets`), check → cache → selection (:mod:`.cache` also stores the nearest-neighbour-resampled
+label maps and each case's original geometry) and per-rank TorchIO queue, set to the trainer's epoch
+as each pass starts.
 
-* Training: a ``tio.Queue`` per rank (``DistributedSampler`` over subjects under DDP, reshuffled by
-  :meth:`SegmentationDataModule.set_epoch`) with a ``tio.LabelSampler`` that centres a patch on a
+* Training: a ``tio.Queue`` per rank (``DistributedSampler`` over subjects under DDP) with a ``tio.LabelSampler`` that centres a patch on a
   foreground voxel with probability ``pos_neg_ratio / (1 + pos_neg_ratio)`` and on background
   otherwise — MONAI ``RandCropByPosNegLabel`` semantics (pos 1 : neg 1 by default), drawn from a
   binary foreground map so every foreground voxel is equally likely. Volumes are padded by half a
@@ -31,6 +31,7 @@ Batches: ``image`` ``B×C×D×H×W`` float32, ``label`` ``B×1×D×H×W`` int64 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,15 +41,12 @@ import numpy as np
 import torch
 import torchio as tio
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.seed import isolate_rng
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from .base import VolumeDataModule, source_argument
 from .cache import CachedVolume, read_cached_array, volume_subject
-from .patch_queue import PatchQueueDataModule
-from .phantoms import ensure_phantom_cohort
-from .prepare import prepare_and_select
-from .presets import Preprocessing, resolve_preprocessing
+from .presets import Preprocessing
 from .resumable import ResumableLoader
 from .sources import (
     IMAGE_SUFFIXES,
@@ -62,8 +60,7 @@ from .sources import (
     split_by_subject,
     strip_image_suffix,
 )
-from .validation import ON_BAD_CASE_CHOICES, OnBadCase, ValidationLimits, ValidationSettings
-from .views import as_triple
+from .validation import OnBadCase, ValidationLimits
 
 FOREGROUND_MAP = "foreground"
 
@@ -222,7 +219,7 @@ def collate_volumes(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the module
-class SegmentationDataModule(PatchQueueDataModule):
+class SegmentationDataModule(VolumeDataModule):
     """Labelled 3D volumes for fine-tuning and evaluation (see the module docstring for the data path).
 
     Args:
@@ -294,16 +291,15 @@ class SegmentationDataModule(PatchQueueDataModule):
         on_bad_case: OnBadCase = "error",
         validation_limits: ValidationLimits | None = None,
     ) -> None:
-        super().__init__()
-        if on_bad_case not in ON_BAD_CASE_CHOICES:
-            raise ValueError(f"on_bad_case must be one of {ON_BAD_CASE_CHOICES}, got {on_bad_case!r}")
+        super().__init__(
+            folder=folder, csv=csv, datalist=datalist, preprocessing=preprocessing, patch_size=patch_size,
+            samples_per_volume=samples_per_volume, queue_length=queue_length, batch_size=batch_size,
+            num_workers=num_workers, preprocess_workers=num_workers, seed=seed, cache_dir=cache_dir,
+            in_channels=in_channels, phantom_root=phantom_root, phantom_cases=phantom_cases,
+            phantom_shape=phantom_shape, phantom_seed=phantom_seed, on_bad_case=on_bad_case,
+            validation_limits=validation_limits)
         if sum(bool(s) for s in (datalist, folder, csv)) > 1:
             raise ValueError("give one labelled source: datalist, folder or csv")
-        for name, value, minimum in (("samples_per_volume", samples_per_volume, 1), ("queue_length", queue_length, 1),
-                                     ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                                     ("in_channels", in_channels, 1)):
-            if value < minimum:
-                raise ValueError(f"{name} must be >= {minimum}, got {value}")
         if pos_neg_ratio < 0:
             raise ValueError(f"pos_neg_ratio must be >= 0, got {pos_neg_ratio}")
         if not 0.0 < label_fraction <= 1.0:
@@ -312,42 +308,21 @@ class SegmentationDataModule(PatchQueueDataModule):
             raise ValueError(f"num_labelled must be >= 1, got {num_labelled}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        self.patch_size = as_triple(patch_size, "patch_size")
         if augmentation is not None and augmentation.rotate90_prob > 0 and self.patch_size[0] != self.patch_size[1]:
             raise ValueError(f"rotate90 needs equal patch sides on the first two axes, got {self.patch_size}; "
                              "set augmentation.rotate90_prob: 0")
-        self.datalist, self.train_key, self.val_key = datalist, train_key, val_key
+        self.train_key, self.val_key = train_key, val_key
         self.test_key, self.predict_key = test_key, predict_key
         self.predict_images = [predict_images] if isinstance(predict_images, str) else predict_images
-        self.folder, self.csv = folder, csv
-        self.preprocessing = resolve_preprocessing(preprocessing).with_min_size(self.patch_size)
-        self.samples_per_volume, self.queue_length = samples_per_volume, queue_length
-        self.batch_size, self.num_workers = batch_size, num_workers
         self.pos_neg_ratio = pos_neg_ratio
         self.label_fraction, self.num_labelled = label_fraction, num_labelled
-        self.val_fraction, self.seed = val_fraction, seed
+        self.val_fraction = val_fraction
         self._class_names = list(class_names) if class_names is not None else None
         self.augmentation = augmentation
-        self.cache_dir, self.in_channels = cache_dir, in_channels
-        self.phantom_root, self.phantom_cases = phantom_root, phantom_cases
-        self.phantom_shape, self.phantom_seed = tuple(phantom_shape), phantom_seed
-        self.splits: dict[str, list[CachedVolume]] | None = None
         self.all_train_cases: list[Case] = []
         self._datalist_labels: dict[int, str] | None = None
-        self.on_bad_case = on_bad_case
-        self.validation_limits = validation_limits
-        self.skipped_cases: list[dict] = []
-        self._selection: tuple | None = None
 
     # ------------------------------------------------------------------ discovery
-    def _datalist_path(self) -> Path | None:
-        if self.datalist:
-            return Path(self.datalist).expanduser()
-        if self.folder or self.csv:
-            return None
-        return ensure_phantom_cohort(self.phantom_root, self.phantom_cases, self.phantom_shape, seed=self.phantom_seed,
-                                     report=rank_zero_info)
-
     def _predicting_new_images(self) -> bool:
         trainer = self.trainer
         return bool(self.predict_images) and trainer is not None and trainer.state.fn == TrainerFn.PREDICTING
@@ -355,15 +330,16 @@ class SegmentationDataModule(PatchQueueDataModule):
     def new_image_cases(self) -> list[Case]:
         """The cases of ``predict_images``: every image of each folder (label files skipped), file or DICOM series."""
         groups = []
-        for source in self.predict_images or []:
-            path = Path(source).expanduser()
-            if path.is_file() and image_suffix(path):
-                groups.append([Case(case_id=strip_image_suffix(path.name), image=path)])
-            elif path.is_file():
-                raise DataSourceError(f"{path}: not a supported image file ({', '.join(IMAGE_SUFFIXES)}); "
-                                      "pass a DICOM series as its folder")
-            else:
-                groups.append(cases_from_folder(path))
+        with source_argument("predict_images"):
+            for source in self.predict_images or []:
+                path = Path(source).expanduser()
+                if path.is_file() and image_suffix(path):
+                    groups.append([Case(case_id=strip_image_suffix(path.name), image=path)])
+                elif path.is_file():
+                    raise DataSourceError(f"{path}: not a supported image file ({', '.join(IMAGE_SUFFIXES)}); "
+                                          "pass a DICOM series as its folder")
+                else:
+                    groups.append(cases_from_folder(path))
         return combine_cases(groups)
 
     def discover(self) -> dict[str, list[Case]]:
@@ -371,11 +347,23 @@ class SegmentationDataModule(PatchQueueDataModule):
 
         When predicting ``predict_images``, only those are discovered (nothing else is read).
         """
-        import json
-
         if self._predicting_new_images():
             return {"train": [], "val": [], "test": [], "predict": self.new_image_cases()}
-        datalist = self._datalist_path()
+        source = next((name for name in ("datalist", "folder", "csv") if getattr(self, name)), "phantom_root")
+        with source_argument(source):
+            train, val, test, predict = self._labelled_splits()
+        if self.predict_images:
+            predict = self.new_image_cases()
+        self.all_train_cases = train
+        labelled = labelled_subset(train, self.label_fraction, self.num_labelled, self.seed)
+        return {"train": labelled, "val": val, "test": test, "predict": predict}
+
+    def _labelled_splits(self) -> tuple[list[Case], list[Case], list[Case], list[Case]]:
+        """(all training, validation, test, predict) cases of the labelled source (or the phantom cohort);
+        no predict cases when ``predict_images`` replaces them."""
+        datalist = Path(self.datalist).expanduser() if self.datalist else None
+        if self.uses_phantoms:
+            datalist = self.phantom_datalist()
         sections: list[str] = []
         if datalist is not None:
             train = cases_from_datalist(datalist, self.train_key)
@@ -396,74 +384,32 @@ class SegmentationDataModule(PatchQueueDataModule):
         else:
             train, val = split_by_subject(train, self.val_fraction, self.seed)
         test = cases_from_datalist(datalist, self.test_key) if self.test_key else val
-        if self.predict_images:
-            predict = self.new_image_cases()
-        else:
-            predict = cases_from_datalist(datalist, self.predict_key) if self.predict_key else test
+        predict = [] if self.predict_images else cases_from_datalist(datalist, self.predict_key) if self.predict_key else test
         for name, group in (("validation", val), ("test", test)):
             if any(c.label is None for c in group):
                 raise DataSourceError(f"every {name} case needs a label map (metrics); use predict_key for unlabelled cases")
-        self.all_train_cases = train
-        labelled = labelled_subset(train, self.label_fraction, self.num_labelled, self.seed)
-        return {"train": labelled, "val": val, "test": test, "predict": predict}
+        return train, val, test, predict
 
-    def validation_settings(self) -> ValidationSettings:
-        """What every case is checked against; the declared classes are known after :meth:`discover`."""
-        declared = None
+    def declared_classes(self) -> int | None:
+        """Classes the label maps may hold: ``class_names`` + background, else the datalist's ``labels``
+        (known after :meth:`discover`)."""
         if self._class_names is not None:
-            declared = len(self._class_names) + 1
-        elif self._datalist_labels:
-            declared = max(self._datalist_labels) + 1
-        return ValidationSettings.for_preprocessing(self.preprocessing, self.patch_size, self.in_channels, declared,
-                                                    self.validation_limits)
+            return len(self._class_names) + 1
+        if self._datalist_labels:
+            return max(self._datalist_labels) + 1
+        return None
 
-    @staticmethod
-    def _unique_cases(splits: dict[str, list[Case]]) -> list[Case]:
-        unique: dict[str, Case] = {}
-        for group in splits.values():
-            for case in group:
-                unique.setdefault(case.case_id, case)
-        return list(unique.values())
-
-    def cases_to_check(self) -> list[Case]:
-        """Every case this configuration would read, once (what ``check-data`` checks)."""
-        return self._unique_cases(self.discover())
-
-    def _cache(self) -> dict[str, list[CachedVolume]]:
-        with isolate_rng():  # whether the cache was warm must not change the training's random stream
-            return self._fill_cache()
-
-    def _fill_cache(self) -> dict[str, list[CachedVolume]]:
-        splits = self.discover()
-        unique = self._unique_cases(splits)
-        if self._selection is None or self._selection[0] != unique:
-            self._selection = (unique, *prepare_and_select(
-                unique, self.validation_settings(), self.preprocessing, self.on_bad_case, self.cache_dir,
-                num_workers=self.num_workers, report=rank_zero_info, warn=rank_zero_warn))
-        _, volumes, self.skipped_cases = self._selection
-        by_id = {v.case_id: v for v in volumes}
-        return {name: [by_id[c.case_id] for c in group if c.case_id in by_id] for name, group in splits.items()}
-
-    def prepare_data(self) -> None:
-        """Generate the phantoms if needed and fill the cache (once per node)."""
-        self._cache()
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits is None:
-            self.splits = self._cache()
-            if self._predicting_new_images():
-                rank_zero_info(f"segmentation data: {len(self.splits['predict'])} new image(s) to predict")
-                return
-            rank_zero_info(
-                f"segmentation data: {len(self.splits['train'])} labelled training case(s) of {len(self.all_train_cases)} "
-                f"(fraction {len(self.splits['train']) / max(len(self.all_train_cases), 1):.3g}, seed {self.seed}), "
-                f"{len(self.splits['val'])} validation, {len(self.splits['test'])} test"
-            )
-
-    def _split(self, name: str) -> list[CachedVolume]:
-        if self.splits is None:
-            raise RuntimeError("SegmentationDataModule.setup() must run first")
-        return self.splits[name]
+    def make_splits(self, cached: dict[str, list[CachedVolume]]) -> dict[str, list[CachedVolume]]:
+        """The cached splits, as discovered; says what they hold."""
+        if self._predicting_new_images():
+            rank_zero_info(f"segmentation data: {len(cached['predict'])} new image(s) to predict")
+            return cached
+        rank_zero_info(
+            f"segmentation data: {len(cached['train'])} labelled training case(s) of {len(self.all_train_cases)} "
+            f"(fraction {len(cached['train']) / max(len(self.all_train_cases), 1):.3g}, seed {self.seed}), "
+            f"{len(cached['val'])} validation, {len(cached['test'])} test"
+        )
+        return cached
 
     # ------------------------------------------------------------------ what the model needs to know
     @property
@@ -478,7 +424,7 @@ class SegmentationDataModule(PatchQueueDataModule):
         if self._datalist_labels:
             top = max(self._datalist_labels)
             return [self._datalist_labels.get(i, f"class_{i}") for i in range(top + 1)]
-        top = max((int(k) for v in self._split("train") + self._split("val")
+        top = max((int(k) for v in self.split("train") + self.split("val")
                    for k in (v.meta["validation"]["label_voxels"] or {})), default=1)
         return ["background", *[f"class_{i}" for i in range(1, top + 1)]]
 
@@ -489,7 +435,7 @@ class SegmentationDataModule(PatchQueueDataModule):
 
     @property
     def labelled_case_ids(self) -> list[str]:
-        return [v.case_id for v in self._split("train")]
+        return [v.case_id for v in self.split("train")]
 
     def original_geometry(self, case_id: str) -> dict[str, Any]:
         """Source image path and geometry (shape, affine, spacing, origin, direction) before preprocessing."""
@@ -505,14 +451,11 @@ class SegmentationDataModule(PatchQueueDataModule):
         return {
             "dataset": dataset_name(self.datalist, self.folder, self.csv, self.phantom_cases, self.phantom_shape,
                                     self.phantom_seed),
-            "modality": self.preprocessing.modality,
-            "preprocessing": self.preprocessing.to_dict(),
-            "spacing": None if self.preprocessing.spacing is None else list(self.preprocessing.spacing),
-            "patch_size": list(self.patch_size),
+            **super().describe(),
             # The fraction actually used (num_labelled / training cases), which result files report.
-            "label_fraction": round(len(self._split("train")) / len(self.all_train_cases), 4)
+            "label_fraction": round(len(self.split("train")) / len(self.all_train_cases), 4)
             if self.splits and self.all_train_cases else self.label_fraction,
-            "num_labelled": len(self._split("train")) if self.splits else self.num_labelled,
+            "num_labelled": len(self.split("train")) if self.splits else self.num_labelled,
             "num_train_cases": len(self.all_train_cases) if self.splits else None,
             "labelled_cases": self.labelled_case_ids if self.splits else None,
             "seed": self.seed,
@@ -524,15 +467,15 @@ class SegmentationDataModule(PatchQueueDataModule):
         """One rank's training loader: a label-sampling queue per epoch, rebuilt from ``(seed, epoch, rank)``."""
         half = tuple(p // 2 for p in self.patch_size)
         transform = tio.Compose([AddForegroundMap(), tio.Pad(tuple(h for h in half for _ in (0, 1)), padding_mode="minimum")])
-        subjects = tio.SubjectsDataset([volume_subject(v, with_label=True) for v in self._split("train")], transform=transform)
+        subjects = tio.SubjectsDataset([volume_subject(v, with_label=True) for v in self.split("train")])
         pos = self.pos_neg_ratio / (1.0 + self.pos_neg_ratio)
         label_sampler = tio.LabelSampler(self.patch_size, FOREGROUND_MAP, {0: 1.0 - pos, 1: pos})
         return self.queue_loader(subjects, label_sampler, lambda seed: SegmentationCollator(self.augmentation, seed=seed),
-                                 rank, world_size)
+                                 rank, world_size, subject_transform=transform)
 
     def volume_loader(self, split: str, rank: int = 0, world_size: int = 1) -> DataLoader:
         """Whole volumes of ``split``, batch 1, in order; rank ``r`` of ``w`` gets ``volumes[r::w]`` (no padding)."""
-        volumes = self._split(split)[rank::world_size]
+        volumes = self.split(split)[rank::world_size]
         return DataLoader(VolumeDataset(volumes), batch_size=1, shuffle=False, num_workers=0, collate_fn=collate_volumes)
 
     def _rank_loader(self, split: str) -> DataLoader:

@@ -105,16 +105,20 @@ def test_evaluation_volumes_are_split_between_ranks_without_padding(data_dirs):
 
 
 def test_training_subjects_are_sharded_and_reshuffled_per_epoch(data_dirs):
-    dm = phantom_module(data_dirs, num_workers=0)
-    loader = dm.build_train_loader(rank=1, world_size=2)
-    sampler = dm._subject_sampler
-    assert sampler is not None and sampler.num_replicas == 2 and sampler.rank == 1
-    orders = []
-    for epoch in range(4):
+    dm = phantom_module(data_dirs, num_workers=0, augmentation=None)
+    loaders = [dm.build_train_loader(rank=rank, world_size=2) for rank in range(2)]
+    subjects = {v.case_id for v in dm.splits["train"]}
+
+    def shards(epoch: int) -> list[set[str]]:
         dm.set_epoch(epoch)
-        orders.append(list(iter(sampler)))
-    assert len({tuple(order) for order in orders}) > 1  # a new shard order per epoch
-    assert len(loader.dataset) == len(orders[0]) * dm.samples_per_volume
+        return [{case for batch in loader for case in batch["case_id"]} for loader in loaders]
+
+    per_epoch = [shards(epoch) for epoch in range(4)]
+    for rank_0, rank_1 in per_epoch:  # 4 subjects: disjoint halves
+        assert rank_0 | rank_1 == subjects and not rank_0 & rank_1
+    assert len({frozenset(rank_0) for rank_0, _ in per_epoch}) > 1  # a new shard per epoch
+    assert shards(2) == per_epoch[2]  # the same epoch gives the same shard
+    assert len(loaders[0].dataset) == len(subjects) // 2 * dm.samples_per_volume
 
 
 def test_paired_folders(tmp_path):

@@ -213,11 +213,6 @@ class SegmentationModule(L.LightningModule):
         for note in preprocessing_differences(self.pretrained_meta, describe()):
             rank_zero_warn(f"{self.hparams.pretrained_from}: {note}")
 
-    def on_train_epoch_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if hasattr(datamodule, "set_epoch"):
-            datamodule.set_epoch(self.current_epoch)
-
     # ------------------------------------------------------------------ evaluation
     def predict_volume(self, image: Tensor) -> Tensor:
         """Class map ``B×D×H×W`` of whole volumes by sliding windows of the ROI."""
