@@ -28,7 +28,7 @@ def tiny_swin(img_size=32, **overrides):
 
 def test_spark_network_encodes_the_visible_cells_and_decodes_a_full_volume():
     dense = STUNetEncoder(1, (4, 4, 8, 8, 8))
-    network = SparKNetwork(dense, 8, 1)
+    network = SparKNetwork(dense, 16, 1)
     assert isinstance(network, MaskedNetwork)
     x, mask = images(), torch.zeros(2, 2, 2, 2, dtype=torch.bool)
     mask[:, 0] = True  # the first half of every volume hidden
@@ -64,11 +64,11 @@ def test_smit_network_decodes_tap_tokens_into_head_logits_and_exports_the_encode
 def test_swin_unetr_network_decodes_the_volume_or_a_sub_box():
     network = SwinUNETRNetwork(tiny_swin(64), in_channels=1, out_channels=2)
     assert isinstance(network, MaskedNetwork)
-    x = images(64, 1)
+    x = torch.rand(1, 1, 64, 64, 32)
     features = network.encode(x)
-    assert features[-1].shape[1:] == (network.bottleneck_channels, 2, 2, 2) and network.total_stride == 32
-    assert network.decode(x, features).shape == (1, 2, 64, 64, 64)
-    assert network.decode(x, features, box=SubBox((1, 0, 0), (1, 2, 2))).shape == (1, 2, 32, 64, 64)
+    assert features[-1].shape[1:] == (network.bottleneck_channels, 2, 2, 1) and network.total_stride == 32
+    assert network.decode(x, features).shape == (1, 2, 64, 64, 32)
+    assert network.decode(x, features, box=SubBox((1, 0, 0), (1, 2, 1))).shape == (1, 2, 32, 64, 32)
     target, state, kwargs = network.export()
     assert target == "swin_unetr" and kwargs["normalize"] is True
     assert any(k.startswith("swinViT.") for k in state) and any(k.startswith("decoder1.") for k in state)
