@@ -10,19 +10,23 @@ Overhead: each method is timed, interleaved in the same process, next to
 
 * **bare** — the networks the method trains (encoder, decoders, heads) on the same input with a
   fixed mask and a plain loss, forward + backward + the same AdamW step: what any framework must
-  spend to train those networks;
+  spend to train those networks. Found the same way for every method: one step is recorded, and
+  every outermost call into the method's ``networks()`` made with gradients is replayed on its
+  recorded inputs (so the same mask), its outputs' means summed as the loss (:func:`bare_networks`);
 * **extra** — the method's additional gradient-free forward (EMA teacher, HybridMIM's dropout
-  twin), which is part of the method's definition, not bookkeeping.
+  twin), which is part of the method's definition, not bookkeeping: the recorded step's network
+  calls made without gradients, replayed.
 
 ``step / bare`` is the overhead ratio; ``step / (bare + extra)`` shows how much of it is masking and
 bookkeeping once the teacher's own compute is accounted for.
 
-Methods come from :data:`METHODS`: one line per method (class, benchmark size, kind of bare step);
+Methods come from :data:`METHODS`: one line per method (class, benchmark size);
 a method whose module does not import yet is skipped with a note.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,8 +34,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from benchmarks.common import interleaved_timings, ratio, run_isolated, table, target
 
@@ -41,13 +44,12 @@ OVERHEAD_TARGET = 1.2  # step / bare networks
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One benchmarked method: import path, constructor arguments (ROI added per run), bare-step kind."""
+    """One benchmarked method: import path, constructor arguments (ROI added per run)."""
 
     name: str
     cls: str
     kwargs: dict[str, Any]
     size: str  # "recipe" or how and why the model was shrunk
-    bare: str  # key of BARE_STEPS
     views: bool = False  # the batch carries two views per item (SMIT)
     #: constructor arguments that set the input size for an ROI (a side or 3 sides): the image size, or VoCo's crop grid
     size_arguments: Callable[[int | tuple[int, int, int]], dict[str, Any]] = lambda roi: {"img_size": roi}
@@ -69,58 +71,57 @@ _VIT_TINY = dict(embed_dim=96, depth=2, num_heads=2, decoder_dim=48, decoder_dep
 _SWIN_SMALL = dict(feature_size=12, depths=[1, 1, 1, 1])
 
 METHODS: list[MethodSpec] = [
-    MethodSpec("MAE-3D", "lightning_mim.methods.mae.MAE3D", dict(_VIT_B), "recipe: ViT-B/16, decoder 384/8", "vit_mae",
+    MethodSpec("MAE-3D", "lightning_mim.methods.mae.MAE3D", dict(_VIT_B), "recipe: ViT-B/16, decoder 384/8",
                quick=_VIT_TINY),
     MethodSpec("SimMIM-3D", "lightning_mim.methods.simmim.SimMIM3D", dict(encoder="swin_unetr", **_SWIN_SMALL),
-               "small: Swin F 12, 1 block/stage (recipe F 48, 2-2-2-2)", "swin_simmim"),
+               "small: Swin F 12, 1 block/stage (recipe F 48, 2-2-2-2)"),
     MethodSpec("SMIT", "lightning_mim.methods.smit.SMIT",
                dict(encoder="swin_smit", feature_size=24, depths=[1, 1, 1, 1], drop_path_rate=0.0),
                "small: Swin F 24, 1 block/stage, no drop-path (recipe F 48, 2-2-4-2, 0.3); DINO heads as recipe",
-               "smit", views=True, quick=dict(feature_size=12, out_dim=512, head_hidden_dim=256, head_bottleneck_dim=64)),
+               views=True, quick=dict(feature_size=12, out_dim=512, head_hidden_dim=256, head_bottleneck_dim=64)),
     MethodSpec("SelfMedHPM", "lightning_mim.methods.selfmedhpm.SelfMedHPM",
                dict(_VIT_B, predictor_dim=384, predictor_depth=8, predictor_heads=12),
-               "recipe: ViT-B/16, decoder and loss predictor 384/8", "vit_hpm",
+               "recipe: ViT-B/16, decoder and loss predictor 384/8",
                quick=dict(_VIT_TINY, predictor_dim=48, predictor_depth=1, predictor_heads=2)),
     MethodSpec("AnatoMask", "lightning_mim.methods.anatomask.AnatoMask",
                dict(encoder_dims=[8, 16, 32, 64, 128], decoder_width=128),
-               "small: STU-Net widths 8…128, decoder 128 (recipe 32…512 / 512 at 112×112×128)", "spark",
+               "small: STU-Net widths 8…128, decoder 128 (recipe 32…512 / 512 at 112×112×128)",
                quick=dict(encoder_dims=[4, 8, 16, 32, 64], decoder_width=64)),
     MethodSpec("HybridMIM (Swin)", "lightning_mim.methods.hybridmim.HybridMIM",
-               dict(backbone="swin", **_SWIN_SMALL), "small: Swin UNETR F 12, 1 block/stage (recipe F 48, 2-2-2-2)",
-               "hybrid"),
+               dict(backbone="swin", **_SWIN_SMALL), "small: Swin UNETR F 12, 1 block/stage (recipe F 48, 2-2-2-2)"),
     MethodSpec("HybridMIM (UNet)", "lightning_mim.methods.hybridmim.HybridMIM",
                dict(backbone="unet", unet_channels=[8, 8, 16, 32, 64]), "small: DeepUNet channels 8…64 (recipe 64…512)",
-               "hybrid", quick=dict(unet_channels=[4, 4, 8, 8, 16])),
+               quick=dict(unet_channels=[4, 4, 8, 8, 16])),
     MethodSpec("SimCLR-3D", "lightning_mim.methods.simclr.SimCLR3D", dict(unet_channels=[8, 16, 32, 64, 80]),
-               "small: UNet encoder 8…80 (recipe 32…320), projector 2048³ as recipe", "simclr", views=True,
+               "small: UNet encoder 8…80 (recipe 32…320), projector 2048³ as recipe", views=True,
                quick=dict(unet_channels=[4, 8, 8, 16, 16], projector_hidden_dim=32, projector_dim=16)),
     MethodSpec("Models Genesis", "lightning_mim.methods.models_genesis.ModelsGenesis",
                dict(unet_channels=[16, 32, 64, 128], shuffle_blocks=10_000),
-               "small: UNet 16…128 (recipe 64…512); 10,000 shuffle blocks per 64×64×32 voxels", "genesis",
+               "small: UNet 16…128 (recipe 64…512); 10,000 shuffle blocks per 64×64×32 voxels",
                quick=dict(unet_channels=[4, 8, 8, 16], shuffle_blocks=500)),
     MethodSpec("Volume Fusion", "lightning_mim.methods.volume_fusion.VolumeFusion",
-               dict(unet_channels=[8, 16, 32, 64, 128]), "small: UNet 8…128 (recipe 32…512)", "fusion",
+               dict(unet_channels=[8, 16, 32, 64, 128]), "small: UNet 8…128 (recipe 32…512)",
                quick=dict(unet_channels=[4, 8, 8, 16, 16])),
     MethodSpec("Swin UNETR SSL", "lightning_mim.methods.swinunetr_ssl.SwinUNETRSSL", dict(**_SWIN_SMALL),
-               "small: Swin F 12, 1 block/stage (recipe F 48, 2-2-2-2)", "swin_ssl"),
+               "small: Swin F 12, 1 block/stage (recipe F 48, 2-2-2-2)"),
     MethodSpec("VoCo", "lightning_mim.methods.voco.VoCo", dict(**_SWIN_SMALL, projector_hidden_dim=1024, projector_dim=1024),
                "small: Swin F 12, 1 block/stage (recipe F 48, 2-2-2-2); the ROI is the region, a grid of 32³ crops "
-               "(recipe 3×3×1 of 64³) + 2 random crops per volume; projector 1024² as recipe", "voco",
+               "(recipe 3×3×1 of 64³) + 2 random crops per volume; projector 1024² as recipe",
                size_arguments=lambda roi: {"crop_size": 32, "grid": [side // 32 for side in _sides(roi)]},
                quick=dict(feature_size=6, projector_hidden_dim=32, projector_dim=16)),
     MethodSpec("DINOv2-3D", "lightning_mim.methods.dinov2.DINOv2",
                dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, out_dim=16384, local_size=32,
                     num_local_crops=8, drop_path_rate=0.0),
                "recipe ViT-B/16 with 16,384 prototypes (recipe 65,536), 8 local crops of 32³ (recipe 48³), no drop-path",
-               "dinov2", quick=dict(embed_dim=48, depth=1, num_heads=2, out_dim=64, head_hidden_dim=32,
-                                    head_bottleneck_dim=16, num_local_crops=2, local_size=16)),
+               quick=dict(embed_dim=48, depth=1, num_heads=2, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16,
+                          num_local_crops=2, local_size=16)),
 ]
 
 #: MAE-3D at the dimensions of the MONAI comparison (hidden 384, 6 layers, 6 heads; decoder 192 / 2 layers).
 MAE_MONAI_DIMS = MethodSpec(
     "MAE-3D (MONAI dims)", "lightning_mim.methods.mae.MAE3D",
     dict(patch_size=16, embed_dim=384, depth=6, num_heads=6, decoder_dim=192, decoder_depth=2, decoder_heads=6,
-         mask_ratio=0.75), "hidden 384, 6×6 heads, decoder 192/2", "vit_mae")
+         mask_ratio=0.75), "hidden 384, 6×6 heads, decoder 192/2")
 
 
 def spec_named(name: str) -> MethodSpec:
@@ -177,173 +178,87 @@ def optimizer_step(loss_fn: Callable[[], Tensor], optimizer) -> Callable[[], Ten
     return step
 
 
-# --------------------------------------------------------------------------- bare networks per kind
-# Each returns (loss function of the trained networks with a fixed mask, gradient-free extra forward or None).
-def _bare_vit(module, batch, predictor: bool):
-    from lightning_mim.masking.grid import patchify
-    from lightning_mim.masking.random import random_mask, visible_indices
+# --------------------------------------------------------------------------- bare networks, every method alike
+@dataclass
+class NetworkCall:
+    """One outermost call of a network (or of a module inside one) during a method's step, ready to replay."""
 
-    images, enc = batch["image"], module.encoder
-    mask = random_mask(images.shape[0], enc.num_patches, module.num_masked)
-    visible = visible_indices(mask)
-    target = patchify(images, enc.patch_size)
+    network: nn.Module
+    args: tuple
+    kwargs: dict[str, Any]
+    trained: bool  # autograd was on and the network has trainable parameters (else: teacher / no-grad twin)
+
+
+def _frozen_inputs(value: Any) -> Any:
+    """``value`` with every tensor detached; one that carried gradients in the step requires them again."""
+    if isinstance(value, Tensor):
+        return value.detach().requires_grad_(value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_frozen_inputs(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _frozen_inputs(v) for k, v in value.items()}
+    return value
+
+
+def _tensors_with_gradients(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value] if value.requires_grad else []
+    if dataclasses.is_dataclass(value):
+        value = [getattr(value, f.name) for f in dataclasses.fields(value)]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_with_gradients(v)]
+    return []
+
+
+def record_network_calls(module, batch) -> list[NetworkCall]:
+    """The outermost calls into ``module.networks()`` (the networks or any of their modules) during one step."""
+    calls: list[NetworkCall] = []
+    depth = [0]
+
+    def enter(network: nn.Module, args: tuple, kwargs: dict) -> None:
+        if depth[0] == 0:
+            trained = torch.is_grad_enabled() and any(p.requires_grad for p in network.parameters())
+            calls.append(NetworkCall(network, _frozen_inputs(args), _frozen_inputs(kwargs), trained))
+        depth[0] += 1
+
+    def leave(network: nn.Module, args: tuple, output: Any) -> None:
+        depth[0] -= 1
+
+    inside = {id(m): m for network in module.networks().values() for m in network.modules()}
+    hooks = [hook for m in inside.values() for hook in (m.register_forward_pre_hook(enter, with_kwargs=True),
+                                                         m.register_forward_hook(leave))]
+    try:
+        module.shared_step(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+def bare_networks(module, batch) -> tuple[Callable[[], Tensor], Callable[[], None] | None]:
+    """(loss of the trained networks' calls of one recorded step, replay of its gradient-free calls or None).
+
+    The loss is the mean of every output that carries gradients: a plain loss over the same network
+    calls, inputs and masks as the method's step, without its masking, targets, losses and bookkeeping.
+    """
+    calls = record_network_calls(module, batch)
+    trained = [call for call in calls if call.trained]
+    frozen = [call for call in calls if not call.trained]
+    if not trained:
+        raise RuntimeError(f"{type(module).__name__}'s step ran none of its networks with gradients")
 
     def loss() -> Tensor:
-        latent = enc(images, visible)
-        value = F.mse_loss(module.decoder(latent, visible, enc.num_prefix_tokens), target)
-        if predictor:
-            value = value + module.loss_predictor(latent, visible, enc.num_prefix_tokens).mean()
-        return value
-
-    extra = (lambda: module.teacher_predicted_loss(images)) if predictor else None
-    return loss, extra
-
-
-def _bare_simmim(module, batch):
-    from lightning_mim.masking.random import random_cell_mask
-
-    images = batch["image"]
-    cell_mask = random_cell_mask(images.shape[0], module.encoder.cell_grid, module.mask_ratio)
-    return (lambda: F.l1_loss(module.reconstruct(images, cell_mask), images)), None
-
-
-def _bare_smit(module, batch):
-    from lightning_mim.masking.random import random_cell_mask
-
-    views = batch["views"]
-    stacked = views.transpose(0, 1).reshape(-1, *views.shape[2:])
-    encoder = module.encoder
-    token_mask = encoder.token_mask(random_cell_mask(stacked.shape[0], encoder.cell_grid, module.hparams.mask_ratio))
-
-    def loss() -> Tensor:
-        out = module.student(stacked, token_mask)
-        pred = module.mip_head(encoder.proj_out(out.bottleneck, module.hparams.normalize_bottleneck))
-        return F.l1_loss(pred, stacked) + out.cls_logits.mean() + out.patch_logits.mean()
+        outputs = [call.network(*call.args, **call.kwargs) for call in trained]
+        return sum(tensor.float().mean() for tensor in _tensors_with_gradients(outputs))
 
     @torch.no_grad()
     def extra() -> None:
-        module.teacher(stacked)
+        for call in frozen:
+            call.network(*call.args, **call.kwargs)
 
-    return loss, extra
-
-
-def _bare_spark(module, batch):
-    from lightning_mim.masking.grid import patchify, unflatten_mask
-    from lightning_mim.masking.random import random_mask
-
-    images = batch["image"]
-    mask = unflatten_mask(random_mask(images.shape[0], module.num_cells, module.num_masked), module.grid)
-    target = patchify(images, module.cell)
-
-    def loss() -> Tensor:
-        return F.mse_loss(patchify(module.network(images, mask), module.cell), target)
-
-    @torch.no_grad()
-    def extra() -> None:
-        module.teacher(images, mask)
-
-    return loss, extra
-
-
-def _bare_hybrid(module, batch):
-    from lightning_mim.masking.random import random_cell_mask
-    from lightning_mim.masking.regions import fill_masked_voxels
-
-    images = batch["image"]
-    mask = random_cell_mask(images.shape[0], module.cell_grid, module.hparams.mask_ratio, rounding="floor", by_keep=True)
-    masked = fill_masked_voxels(images, mask, module.mask_cell, module.hparams.fill)
-    box = module.choose_box()
-
-    def loss() -> Tensor:
-        features = module.encode(masked)
-        reconstruction = module.decode(masked, features, box)
-        regions = module.region_features(features[-1])
-        heads = module.count_head(regions).mean() + module.location_head(regions).mean()
-        return reconstruction.square().mean() + heads + module.projection(module.embedding(features[-1])).mean()
-
-    @torch.no_grad()
-    def extra() -> None:
-        module.encode(masked)
-
-    return loss, extra
-
-
-def _bare_simclr(module, batch):
-    views = batch["views"]
-    both = torch.cat([views[:, 0], views[:, 1]])
-    return (lambda: module.embed(both).square().mean()), None
-
-
-def _bare_genesis(module, batch):
-    images = batch["image"]
-    return (lambda: F.mse_loss(module.restore(images), images)), None
-
-
-def _bare_fusion(module, batch):
-    images = batch["image"]
-    labels = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.long)
-    return (lambda: F.cross_entropy(module.network(images), labels)), None
-
-
-def _bare_swin_ssl(module, batch):
-    both = torch.cat([batch["image"], batch["image"]])  # the two rotated copies of each crop
-
-    def loss() -> Tensor:
-        rotation, embedding, reconstruction = module.heads(both)
-        return rotation.mean() + embedding.mean() + (reconstruction - both).abs().mean()
-
-    return loss, None
-
-
-def _bare_voco(module, batch):
-    crops, _, _ = module.sample_crops(batch["image"], torch.Generator().manual_seed(0))
-    b = batch["image"].shape[0]
-
-    with torch.no_grad():
-        features = module.backbone(crops)
-
-    def loss() -> Tensor:
-        return module.projector(module.backbone(crops)).view(b, -1, module.hparams.projector_dim).mean()
-
-    @torch.no_grad()
-    def extra() -> None:
-        module.teacher(features)  # the EMA projector on the student's clean features
-
-    return loss, extra
-
-
-def _bare_dinov2(module, batch):
-    images = batch["image"]
-    hp = module.hparams
-    globals_ = torch.cat([images, images])
-    local = F.interpolate(images, size=(hp.local_size,) * 3, mode="trilinear").repeat(hp.num_local_crops, 1, 1, 1, 1)
-
-    def loss() -> Tensor:
-        _, cls_logits, patch_logits = module.student(globals_)
-        local_logits = module.student(local, patches=False)[1]
-        return cls_logits.mean() + patch_logits.mean() + local_logits.mean()
-
-    @torch.no_grad()
-    def extra() -> None:
-        module.teacher(globals_)
-
-    return loss, extra
-
-
-BARE_STEPS: dict[str, Callable] = {
-    "simclr": _bare_simclr,
-    "genesis": _bare_genesis,
-    "fusion": _bare_fusion,
-    "swin_ssl": _bare_swin_ssl,
-    "voco": _bare_voco,
-    "dinov2": _bare_dinov2,
-    "vit_mae": lambda module, batch: _bare_vit(module, batch, predictor=False),
-    "vit_hpm": lambda module, batch: _bare_vit(module, batch, predictor=True),
-    "swin_simmim": _bare_simmim,
-    "smit": _bare_smit,
-    "spark": _bare_spark,
-    "hybrid": _bare_hybrid,
-}
+    return loss, extra if frozen else None
 
 
 # --------------------------------------------------------------------------- child-process measurements
@@ -354,7 +269,7 @@ def time_method(name: str, roi: int, warmup: int = 1, repeats: int = 3, with_bar
     module, optimizer, batch = build_method(spec, roi, **overrides)
     steps = {"step": method_step(module, optimizer, batch)}
     if with_bare:
-        loss, extra = BARE_STEPS[spec.bare](module, batch)
+        loss, extra = bare_networks(module, batch)
         steps["bare"] = optimizer_step(loss, optimizer)
         if extra is not None:
             steps["extra"] = extra
@@ -419,7 +334,7 @@ def profile_overhead(name: str, roi: int, rows: int = 8, **overrides: Any) -> di
     spec = spec_named(name)
     module, optimizer, batch = build_method(spec, roi, **overrides)
     step = method_step(module, optimizer, batch)
-    loss, _ = BARE_STEPS[spec.bare](module, batch)
+    loss, _ = bare_networks(module, batch)
     bare = optimizer_step(loss, optimizer)
     step()  # warm-up: the first optimizer step allocates AdamW's state
     bare()

@@ -10,10 +10,11 @@ its segmentation network's key layout: UNet → :class:`~lightning_mim.backbones
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 from torch import Tensor, nn
 
+from lightning_mim.backbones.compositions import NetworkExport
 from lightning_mim.backbones.swin import MaskedSwinEncoder
 from lightning_mim.backbones.unet import UNetEncoder
 from lightning_mim.backbones.vit import ViT3D, unetr_encoder_export
@@ -78,12 +79,12 @@ class PooledEncoder(nn.Module):
         if any(s % stride for s in x.shape[2:]):
             raise ValueError(f"input sides {tuple(x.shape[2:])} must be divisible by the UNet's total stride {stride}")
 
-    def export(self) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
-        """``(target, state dict, network kwargs)`` of the segmentation network this encoder loads into."""
+    def export(self) -> NetworkExport:
+        """The weights in the key layout of the segmentation network this encoder loads into."""
         if self.backbone == "unet":
             state = {f"encoder.{k}": v.detach().clone() for k, v in self.net.state_dict().items()}
-            return "hybridmim_unet", state, {"in_channels": self.in_channels, **self.unet_config, "dropout": 0.0}
+            return NetworkExport("hybridmim_unet", state,
+                                 {"in_channels": self.in_channels, **self.unet_config, "dropout": 0.0})
         if self.backbone == "swin":
-            return "swin_unetr", self.net.swin_unetr_state_dict(), self.net.swin_unetr_kwargs()
-        state, kwargs = unetr_encoder_export(self.net)
-        return "unetr", state, kwargs
+            return NetworkExport("swin_unetr", self.net.swin_unetr_state_dict(), self.net.swin_unetr_kwargs())
+        return NetworkExport("unetr", *unetr_encoder_export(self.net))

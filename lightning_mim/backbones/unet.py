@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from monai.networks.nets.basic_unet import TwoConv
 from torch import Tensor, nn
 
+from lightning_mim.backbones.compositions import NetworkExport
 from lightning_mim.heads.partial_decoder import SubBox, UNetDecoder
 
 
@@ -74,6 +75,9 @@ class UNetEncoder(nn.Module):
 class UNet3D(nn.Module):
     """Encoder + decoder; full-volume segmentation network and HybridMIM's pre-training network.
 
+    A :class:`~lightning_mim.backbones.compositions.MaskedNetwork` that takes no mask (HybridMIM fills
+    the hidden voxels instead); ``export`` gives every weight but the output layer's.
+
     Args:
         in_channels: image channels.
         out_channels: output channels (1 for reconstruction, the class count for segmentation).
@@ -96,16 +100,37 @@ class UNet3D(nn.Module):
         self.encoder = UNetEncoder(in_channels, channels, strides, dropout, negative_slope)
         act, norm = unet_layers(negative_slope)
         self.decoder = UNetDecoder(channels, strides, out_channels, act, norm, dropout)
+        self.in_channels, self.dropout = in_channels, dropout
 
     @property
     def total_stride(self) -> int:
         return self.encoder.total_stride
+
+    @property
+    def bottleneck_channels(self) -> int:
+        return int(self.encoder.channels[-1])
 
     def check_input_size(self, size: Sequence[int]) -> None:
         bad = [int(s) for s in size if int(s) % self.total_stride]
         if bad:
             raise ValueError(f"input size {tuple(size)} must be divisible by the UNet's total stride {self.total_stride}")
 
+    def encode(self, images: Tensor, mask: Tensor | None = None) -> list[Tensor]:
+        if mask is not None:
+            raise ValueError("UNet3D takes no mask: fill the hidden voxels of its input instead")
+        return self.encoder(images)
+
+    def decode(self, images: Tensor, features: list[Tensor], mask: Tensor | None = None,
+               box: SubBox | None = None) -> Tensor:
+        return self.decoder(features, box)
+
     def forward(self, x: Tensor, box: SubBox | None = None) -> Tensor:
         self.check_input_size(x.shape[2:])
         return self.decoder(self.encoder(x), box)
+
+    def export(self) -> NetworkExport:
+        """Encoder and decoder weights without ``decoder.out`` (the class count differs), for ``hybridmim_unet``."""
+        state = {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith("decoder.out.")}
+        kwargs = {"in_channels": self.in_channels, "channels": [int(c) for c in self.encoder.channels],
+                  "strides": [int(s) for s in self.encoder.strides], "dropout": self.dropout}
+        return NetworkExport("hybridmim_unet", state, kwargs)

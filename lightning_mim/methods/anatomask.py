@@ -13,12 +13,13 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_mim.backbones.cnn import STUNetEncoder
-from lightning_mim.backbones.sparse import NormStatistics, SparseEncoder
+from lightning_mim.backbones.compositions import SparKNetwork
+from lightning_mim.backbones.sparse import NormStatistics
 from lightning_mim.backbones.vit import as_triple
-from lightning_mim.heads.light_decoder import DecoderNorm, Densify, LightDecoder
+from lightning_mim.heads.light_decoder import DecoderNorm
 from lightning_mim.losses.ranking import spearman_correlation
 from lightning_mim.losses.reconstruction import masked_patch_loss
 from lightning_mim.masking.grid import patchify, unflatten_mask
@@ -28,37 +29,6 @@ from lightning_mim.masking.visuals import guided_mask_visuals
 from lightning_mim.methods.base import ExportedEncoder, StepOutput
 from lightning_mim.methods.teacher_student import TeacherStudentModule, momentum_ramp_per_epoch
 from lightning_mim.schedules import DifficultyKind
-
-
-class SparKNetwork(nn.Module):
-    """Sparse CNN encoder → densify → light UNet decoder: a full volume from the visible cells.
-
-    The decoder consumes the ``log2(ratio)`` coarsest encoder scales; the full-resolution map is not
-    densified (SparK computes it and never uses it).
-    """
-
-    def __init__(
-        self,
-        encoder: nn.Module,
-        decoder_width: int,
-        out_channels: int,
-        decoder_norm: DecoderNorm = "batch",
-        instance_statistics: NormStatistics = "batch",
-    ) -> None:
-        super().__init__()
-        self.encoder = SparseEncoder(encoder, instance_statistics)
-        self.decoder = LightDecoder(decoder_width, self.encoder.downsample_ratio(), out_channels, decoder_norm)
-        self.num_scales = len(self.decoder.block_widths)
-        channels = tuple(reversed(self.encoder.feature_channels()))
-        if len(channels) < self.num_scales:
-            raise ValueError(f"the encoder has {len(channels)} scales, the decoder needs {self.num_scales}")
-        self.densify = Densify(channels[: self.num_scales], self.decoder.block_widths, instance_statistics)
-
-    def forward(self, images: Tensor, mask: Tensor) -> Tensor:
-        """Reconstruction ``B, C, D, H, W`` of ``images`` seen through the cell ``mask`` (True = hidden)."""
-        features = self.encoder(images, mask)
-        coarsest_first = features[::-1][: self.num_scales]
-        return self.decoder(self.densify(coarsest_first, ~mask))
 
 
 class AnatoMask(TeacherStudentModule):
@@ -170,12 +140,10 @@ class AnatoMask(TeacherStudentModule):
     # ------------------------------------------------------------------ export
     def export_encoder(self) -> ExportedEncoder:
         """Dense STU-Net encoder weights (this project's :class:`STUNetEncoder` keys) and its constructor args."""
-        dense = self.network.encoder.encoder
-        state_dict = {key: value.detach().clone() for key, value in dense.state_dict().items()}
         metadata = {
             "method": "anatomask",
             "roi_size": list(self.img_size),
             "mask_cell": self.cell,
             "mask_ratio": self.hparams.mask_ratio,
         }
-        return ExportedEncoder("stunet_encoder", state_dict, dense.network_kwargs(), metadata)
+        return ExportedEncoder(*self.network.export(), metadata)

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_mim.backbones.unet import UNet3D
 from lightning_mim.optimisation import adamw_warmup_cosine, parameter_groups, trainer_run_length
 
 
@@ -45,14 +44,6 @@ class ExportedEncoder:
     state_dict: dict[str, Tensor]
     network_kwargs: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def unet_export(network: UNet3D, method: str, metadata: dict[str, Any], dropout: float) -> ExportedEncoder:
-    """Encoder **and** decoder of a :class:`UNet3D` without its output layer (the class count differs)."""
-    state = {k: v.detach().clone() for k, v in network.state_dict().items() if not k.startswith("decoder.out.")}
-    kwargs = {"in_channels": network.encoder.stem.conv_0.conv.in_channels, "channels": list(network.encoder.channels),
-              "strides": list(network.encoder.strides), "dropout": dropout}
-    return ExportedEncoder("hybridmim_unet", state, kwargs, {"method": method, **metadata})
 
 
 class MIMModule(L.LightningModule):
@@ -170,12 +161,19 @@ class MIMModule(L.LightningModule):
             return
         self.after_optimizer_step()
 
+    def networks(self) -> dict[str, nn.Module]:
+        """The networks a step runs, trained ones and EMA teachers: every child module that has parameters.
+
+        The one view of a method's networks that tools share: ``compile_networks`` compiles each, and the
+        benchmarks time their forward and backward apart from the method's masking and bookkeeping.
+        """
+        return {name: child for name, child in self.named_children() if next(child.parameters(), None) is not None}
+
     def configure_model(self) -> None:
-        """With ``compile_networks``, compile each child module that has parameters (once)."""
+        """With ``compile_networks``, compile each of :meth:`networks` (once)."""
         if self.hparams.get("compile_networks") and not self._networks_compiled:
-            for child in self.children():
-                if next(child.parameters(), None) is not None:
-                    child.compile()
+            for network in self.networks().values():
+                network.compile()
             self._networks_compiled = True
 
     # ------------------------------------------------------------------ optimisation

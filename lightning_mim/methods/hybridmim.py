@@ -24,18 +24,19 @@ Choices where the paper/code leave room (all flags):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_mim.backbones.compositions import MaskedNetwork, SwinUNETRNetwork
 from lightning_mim.backbones.swin import MaskedSwinEncoder, SwinConfigName
 from lightning_mim.backbones.unet import UNet3D
 from lightning_mim.backbones.vit import as_triple
 from lightning_mim.heads.partial_decoder import (
     SubBox,
-    SwinUNETRDecoder,
     crop_to_box,
     default_box_size,
     fixed_box,
@@ -141,26 +142,16 @@ class HybridMIM(MIMModule):
     ) -> None:
         super().__init__(**kwargs)
         size = as_triple(img_size)
-        if backbone == "swin":
-            self.encoder = MaskedSwinEncoder.from_config(
-                swin_config, img_size=size, in_channels=in_channels, feature_size=feature_size, depths=depths,
-                num_heads=num_heads, window_size=window_size, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-                drop_path_rate=drop_path_rate, use_checkpoint=use_checkpoint,
-                # MONAI's SDPA path skips attention dropout, which would silently change the no-grad twin.
-                use_flash_attention=attn_drop_rate == 0,
-            )
-            self.encoder.remove_mask_token()  # HybridMIM fills voxels; an unused token would upset DDP
-            self.decoder = SwinUNETRDecoder(in_channels, in_channels, self.encoder.feature_size)
-            bottleneck_channels, stride = self.encoder.stage_channels[-1], self.encoder.total_stride
-        elif backbone == "unet":
-            unet = UNet3D(in_channels, in_channels, unet_channels, unet_strides, unet_dropout)
-            unet.check_input_size(size)
-            self.encoder, self.decoder = unet.encoder, unet.decoder
-            bottleneck_channels, stride = unet_channels[-1], unet.total_stride
-        else:
-            raise ValueError(f"unknown backbone {backbone!r}; choose 'swin' or 'unet'")
+        if backbone not in NETWORKS:
+            raise ValueError(f"unknown backbone {backbone!r}; choose {' or '.join(map(repr, NETWORKS))}")
+        network, self.network_metadata = NETWORKS[backbone](size, in_channels, self.hparams)
+        # The method registers the network's parts under their own names (checkpoint keys ``encoder.*`` and
+        # ``decoder.*``); the composition itself is a plain reference, so nothing is saved twice.
+        self.encoder, self.decoder = network.encoder, network.decoder
+        object.__setattr__(self, "network", network)
+        bottleneck_channels, stride = network.bottleneck_channels, network.total_stride
 
-        self.backbone, self.img_size, self.in_channels = backbone, size, in_channels
+        self.backbone, self.img_size = backbone, size
         self.cell_grid = grid_shape(size, mask_cell)
         self.region_grid = region_grid(self.cell_grid, region_size)
         region_side = mask_cell * region_size
@@ -238,12 +229,10 @@ class HybridMIM(MIMModule):
 
     def encode(self, images: Tensor) -> list[Tensor]:
         """Feature maps of every scale, bottleneck last (Swin: stage outputs after the non-affine LayerNorm)."""
-        return self.encoder(images, normalize=True) if self.backbone == "swin" else self.encoder(images)
+        return self.network.encode(images)
 
     def decode(self, images: Tensor, features: list[Tensor], box: SubBox | None) -> Tensor:
-        if self.backbone == "swin":
-            return self.decoder(images, features, box)
-        return self.decoder(features, box)
+        return self.network.decode(images, features, box=box)
 
     def region_features(self, bottleneck: Tensor) -> Tensor:
         """``B, R, C_b``: the bottleneck averaged over each region (identity pooling for Swin), row-major."""
@@ -321,15 +310,31 @@ class HybridMIM(MIMModule):
         ``UNet3D(out_channels=K, **network_kwargs)``; decode the full volume when fine-tuning.
         """
         hp = self.hparams
-        decoder = {k: v.detach().clone() for k, v in self.decoder.state_dict().items() if not k.startswith("out.")}
         metadata = {"method": "hybridmim", "backbone": self.backbone, "img_size": list(self.img_size),
-                    "mask_cell": self.mask_cell, "mask_ratio": hp.mask_ratio, "fill": hp.fill}
-        if self.backbone == "swin":
-            state_dict = {**self.encoder.swin_unetr_state_dict(), **decoder}
-            network_kwargs = {**self.encoder.swin_unetr_kwargs(), "norm_name": "instance", "normalize": True}
-            return ExportedEncoder("swin_unetr", state_dict, network_kwargs, {**metadata, "swin_config": hp.swin_config})
-        state_dict = {**{f"encoder.{k}": v.detach().clone() for k, v in self.encoder.state_dict().items()},
-                      **{f"decoder.{k}": v for k, v in decoder.items()}}
-        network_kwargs = {"in_channels": self.in_channels, "channels": list(hp.unet_channels),
-                          "strides": list(hp.unet_strides), "dropout": hp.unet_dropout}
-        return ExportedEncoder("hybridmim_unet", state_dict, network_kwargs, metadata)
+                    "mask_cell": self.mask_cell, "mask_ratio": hp.mask_ratio, "fill": hp.fill, **self.network_metadata}
+        return ExportedEncoder(*self.network.export(), metadata)
+
+
+def swin_network(size: tuple[int, int, int], in_channels: int, hp: Any) -> tuple[SwinUNETRNetwork, dict[str, Any]]:
+    encoder = MaskedSwinEncoder.from_config(
+        hp.swin_config, img_size=size, in_channels=in_channels, feature_size=hp.feature_size, depths=hp.depths,
+        num_heads=hp.num_heads, window_size=hp.window_size, drop_rate=hp.drop_rate, attn_drop_rate=hp.attn_drop_rate,
+        drop_path_rate=hp.drop_path_rate, use_checkpoint=hp.use_checkpoint,
+        # MONAI's SDPA path skips attention dropout, which would silently change the no-grad twin.
+        use_flash_attention=hp.attn_drop_rate == 0,
+    )
+    encoder.remove_mask_token()  # HybridMIM fills voxels; an unused token would upset DDP
+    return SwinUNETRNetwork(encoder, in_channels, in_channels), {"swin_config": hp.swin_config}
+
+
+def unet_network(size: tuple[int, int, int], in_channels: int, hp: Any) -> tuple[UNet3D, dict[str, Any]]:
+    unet = UNet3D(in_channels, in_channels, hp.unet_channels, hp.unet_strides, hp.unet_dropout)
+    unet.check_input_size(size)
+    return unet, {}
+
+
+#: HybridMIM's networks by ``backbone``: ``(ROI, in_channels, hparams) → (network, extra export metadata)``.
+NETWORKS: dict[str, Callable[[tuple[int, int, int], int, Any], tuple[MaskedNetwork, dict[str, Any]]]] = {
+    "swin": swin_network,
+    "unet": unet_network,
+}

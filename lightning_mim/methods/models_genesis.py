@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lightning_mim.backbones.unet import UNet3D
 from lightning_mim.corruption.genesis import GenesisConfig, genesis_corrupt
-from lightning_mim.methods.base import ExportedEncoder, MIMModule, StepOutput, unet_export
+from lightning_mim.methods.base import ExportedEncoder, MIMModule, StepOutput
 
 IntensityMapping = Literal["unit", "percentile"]
 #: Tolerance on the [0, 1] check of ``intensity_mapping: unit`` (interpolation / augmentation round-off).
@@ -115,5 +115,4 @@ class ModelsGenesis(MIMModule):
         return StepOutput(losses={"loss": loss, "restoration_mse": loss.detach()}, visuals=visuals, scalars=scalars)
 
     def export_encoder(self) -> ExportedEncoder:
-        return unet_export(self.network, "models_genesis", {"img_size": list(self.img_size)},
-                           self.hparams.unet_dropout)
+        return ExportedEncoder(*self.network.export(), {"method": "models_genesis", "img_size": list(self.img_size)})

@@ -93,6 +93,5 @@ class SimCLR3D(MIMModule):
                           scalars={"positive_cosine": cosine})
 
     def export_encoder(self) -> ExportedEncoder:
-        target, state_dict, network_kwargs = self.encoder.export()
-        return ExportedEncoder(target, state_dict, network_kwargs,
-                             {"method": "simclr3d", "backbone": self.encoder.backbone, "img_size": list(self.img_size)})
+        return ExportedEncoder(*self.encoder.export(), {"method": "simclr3d", "backbone": self.encoder.backbone,
+                                                        "img_size": list(self.img_size)})

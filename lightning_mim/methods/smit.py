@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from lightning_mim.backbones.compositions import TAP_STAGE, SMITNetwork
 from lightning_mim.backbones.swin import MaskedSwinEncoder, SwinConfigName
-from lightning_mim.heads.dino import DINOHead, drop_last_layer_gradients
+from lightning_mim.heads.dino import drop_last_layer_gradients
 from lightning_mim.heads.pixel_shuffle import LinearPixelShuffleDecoder
 from lightning_mim.losses.distillation import (
     DistillationCE,
@@ -23,43 +23,6 @@ from lightning_mim.masking.random import random_cell_mask
 from lightning_mim.methods.base import ExportedEncoder, StepOutput
 from lightning_mim.methods.teacher_student import TeacherStudentModule, cosine_momentum_per_step
 from lightning_mim.schedules import teacher_temperature
-
-#: Index of SMIT's distillation tap among the encoder's five feature maps (output of the 3rd merging).
-TAP_STAGE = 3
-
-
-@dataclass
-class SMITOutput:
-    bottleneck: Tensor  # B, 16F, S/32, S/32, S/32 (raw, before any stage normalisation)
-    cls_logits: Tensor  # B, K
-    patch_logits: Tensor  # B, L, K  (L tap tokens in row-major order, one per mask cell)
-
-
-class SMITNetwork(nn.Module):
-    """Encoder + LayerNorm on the 6³ tap + DINO heads: the student, and (deep-copied) the teacher.
-
-    The global token is the mean of the LayerNorm'ed tap tokens (Swin has no [CLS] token). With
-    ``shared_head`` one head serves both the global and the patch tokens (iBOT ``shared_head``).
-    """
-
-    def __init__(self, encoder: MaskedSwinEncoder, out_dim: int, hidden_dim: int, bottleneck_dim: int,
-                 nlayers: int, norm_last_layer: bool, shared_head: bool) -> None:
-        super().__init__()
-        self.encoder = encoder
-        width = encoder.stage_channels[TAP_STAGE]
-        self.tap_norm = nn.LayerNorm(width, eps=1e-6)
-        self.cls_head = DINOHead(width, out_dim, hidden_dim, bottleneck_dim, nlayers, norm_last_layer)
-        self.patch_head = None if shared_head else DINOHead(width, out_dim, hidden_dim, bottleneck_dim, nlayers,
-                                                            norm_last_layer)
-
-    def heads(self) -> list[DINOHead]:
-        return [self.cls_head] if self.patch_head is None else [self.cls_head, self.patch_head]
-
-    def forward(self, images: Tensor, token_mask: Tensor | None = None) -> SMITOutput:
-        features = self.encoder(images, token_mask, normalize=False)
-        tap = self.tap_norm(features[TAP_STAGE].flatten(2).transpose(1, 2))
-        patch_head = self.cls_head if self.patch_head is None else self.patch_head
-        return SMITOutput(features[-1], self.cls_head(tap.mean(dim=1)), patch_head(tap))
 
 
 class SMIT(TeacherStudentModule):
@@ -260,10 +223,5 @@ class SMIT(TeacherStudentModule):
             drop_last_layer_gradients(self.student.heads())
 
     def export_encoder(self) -> ExportedEncoder:
-        return ExportedEncoder(
-            target="swin_unetr",
-            state_dict=self.encoder.swin_unetr_state_dict(),
-            network_kwargs=self.encoder.swin_unetr_kwargs(),
-            metadata={"method": "SMIT", "encoder_config": self.encoder_config, "img_size": list(self.input_size),
-                      "source": "student"},
-        )
+        return ExportedEncoder(*self.student.export(), {"method": "SMIT", "encoder_config": self.encoder_config,
+                                                        "img_size": list(self.input_size), "source": "student"})

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lightning_mim.backbones.unet import UNet3D
 from lightning_mim.corruption.fusion import fuse, grid_block_labels, random_box_labels
-from lightning_mim.methods.base import ExportedEncoder, MIMModule, StepOutput, unet_export
+from lightning_mim.methods.base import ExportedEncoder, MIMModule, StepOutput
 
 FusionMode = Literal["cross_volume_boxes", "grid_same_volume"]
 
@@ -126,6 +126,6 @@ class VolumeFusion(MIMModule):
                           scalars={"voxel_accuracy": accuracy})
 
     def export_encoder(self) -> ExportedEncoder:
-        return unet_export(self.network, "volume_fusion",
-                           {"img_size": list(self.img_size), "num_classes": self.hparams.num_classes,
-                            "mode": self.hparams.mode}, self.hparams.unet_dropout)
+        return ExportedEncoder(*self.network.export(), {"method": "volume_fusion", "img_size": list(self.img_size),
+                                                         "num_classes": self.hparams.num_classes,
+                                                         "mode": self.hparams.mode})
