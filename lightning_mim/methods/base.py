@@ -149,11 +149,6 @@ class MIMModule(L.LightningModule):
                 f"delivers {tuple(data_size)}; set the model's img_size to the data's patch/view size"
             )
 
-    def on_train_epoch_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if hasattr(datamodule, "set_epoch"):
-            datamodule.set_epoch(self.current_epoch)
-
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         if self.update_skipped:  # the NaN guard dropped this step's gradients
