@@ -114,13 +114,18 @@ class Preprocessing:
         return dataclasses.replace(self, pad_to=tuple(max(a, int(b)) for a, b in zip(current, size)))
 
     def apply(self, subject: tio.Subject) -> tio.Subject:
-        """Run the preprocessing on a loaded subject (``image`` and optional ``label``)."""
+        """Run the preprocessing on a loaded subject (``image`` and optional ``label``), in place.
+
+        The transforms edit ``subject`` rather than deep-copy it first (TorchIO's default): the
+        copies cost as much as the intensity step on a small volume.
+        """
         if self.orientation == "RAS":
-            subject = tio.ToCanonical()(subject)
+            subject = tio.ToCanonical(copy=False)(subject)
         elif self.orientation is not None:
-            subject = tio.ToOrientation(self.orientation)(subject)
+            subject = tio.ToOrientation(self.orientation, copy=False)(subject)
         if self.spacing is not None:
-            subject = tio.Resample(self.spacing, image_interpolation=self.image_interpolation)(subject)
+            _to_itk_memory_order(subject)
+            subject = tio.Resample(self.spacing, image_interpolation=self.image_interpolation, copy=False)(subject)
         if self.crop_foreground:
             subject = _crop_to_foreground(subject, self.foreground_threshold)
         subject = self._normalise_intensity(subject)
@@ -131,9 +136,9 @@ class Preprocessing:
                 # all images share one space, which fails once the image alone has been padded.
                 gaps = [t - n for n, t in zip(subject.spatial_shape, target)]
                 bounds = [b for gap in gaps for b in (gap // 2, gap - gap // 2)]
-                subject = tio.Pad(bounds, padding_mode=self._background, include=["image"])(subject)
+                subject = tio.Pad(bounds, padding_mode=self._background, include=["image"], copy=False)(subject)
                 if "label" in subject:
-                    subject = tio.Pad(bounds, padding_mode=0, include=["label"])(subject)
+                    subject = tio.Pad(bounds, padding_mode=0, include=["label"], copy=False)(subject)
         return subject
 
     @property
@@ -147,16 +152,37 @@ class Preprocessing:
 
     def _normalise_intensity(self, subject: tio.Subject) -> tio.Subject:
         if self.intensity == "window":
+            # TorchIO's Clamp + RescaleIntensity(in_min_max=window), the same float32 operations in the
+            # same order (so the same values), without their copies and the percentile pass over all voxels.
             low, high = self.window
-            return tio.Compose(
-                [tio.Clamp(low, high), tio.RescaleIntensity(out_min_max=self.output_range, in_min_max=(low, high))]
-            )(subject)
+            out_low, out_high = self.output_range
+            image = subject["image"]
+            array = image.data.clamp(low, high).float().numpy()
+            array -= low
+            array /= high - low
+            array *= out_high - out_low
+            array += out_low
+            image.set_data(torch.from_numpy(array))
+            return subject
         if self.intensity == "suv_zscore":
             subject = tio.Clamp(*self.suv_clip)(subject)
         if self.intensity in ("zscore_nonzero", "suv_zscore"):
             image = subject["image"]
             image.set_data(_zscore_nonzero(image.data.float(), str(image.path)))
         return subject
+
+
+def _to_itk_memory_order(subject: tio.Subject) -> None:
+    """Lay each volume out in memory as SimpleITK stores it (the same values, other strides).
+
+    TorchIO hands SimpleITK the axis-reversed view of the (C, I, J, K) array; unless that view is
+    contiguous, SimpleITK copies it element by element (18 ms for a 160 x 160 x 64 float32 volume,
+    against 6 ms for torch's copy here and 0.7 ms for SimpleITK's then contiguous one).
+    """
+    for image in subject.get_images(intensity_only=False):
+        data = image.data
+        if data.shape[0] == 1 and not data[0].permute(2, 1, 0).is_contiguous():
+            image.set_data(data.permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1))
 
 
 def _zscore_nonzero(data: torch.Tensor, where: str) -> torch.Tensor:
@@ -183,7 +209,7 @@ def _crop_to_foreground(subject: tio.Subject, threshold: float) -> tio.Subject:
     for axis, size in enumerate(mask.shape):
         present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
         cropping += [int(present[0]), int(size - 1 - present[-1])]
-    return tio.Crop(tuple(cropping))(subject)
+    return tio.Crop(tuple(cropping), copy=False)(subject)
 
 
 _CT_WINDOW = dict(modality="ct", intensity="window", window=(-175.0, 250.0), output_range=(0.0, 1.0))

@@ -359,8 +359,10 @@ def label_map_problem(data: torch.Tensor) -> str | None:
     for values in (flat[:: max(1, flat.numel() // 65536)], flat):
         if values.is_floating_point() and not bool((values == values.round()).all()):
             return None
+        if float(values.min()) < 0:  # CT: cleared without sorting (``unique``)
+            return None
         levels = torch.unique(values)
-        if len(levels) > LABEL_MAP_MAX_LEVELS or float(levels[0]) < 0:
+        if len(levels) > LABEL_MAP_MAX_LEVELS:
             return None
     shown = ", ".join(f"{float(v):g}" for v in levels)
     return (f"looks like a label map, not an image: only {len(levels)} distinct integer values ({shown}); "

@@ -207,3 +207,24 @@ def test_nothing_above_the_foreground_threshold_is_an_error_naming_the_file(tmp_
     subject = _subject(tmp_path, np.full((10, 10, 10), -1000, np.int16))
     with pytest.raises(PreprocessingError, match=r"image.nii.gz: no voxel above the foreground threshold -175"):
         preset("ct_abdomen_btcv").apply(subject)
+
+
+@pytest.mark.parametrize("spacing", [None, (1.5, 1.5, 2.0)])
+def test_the_window_step_gives_exactly_torchios_clamp_and_rescale(tmp_path, spacing):
+    rng = np.random.default_rng(3)
+    volume = rng.integers(-1024, 1500, size=(20, 18, 12)).astype(np.int16)
+    labels = (rng.random((20, 18, 12)) > 0.7).astype(np.uint8)
+    settings = Preprocessing(modality="ct", orientation="RAS", spacing=spacing, window=(-175.0, 250.0),
+                             output_range=(-1.0, 1.0))
+    ours = settings.apply(_subject(tmp_path, volume, labels, spacing=(1.0, 1.2, 2.5)))
+
+    reference = _subject(tmp_path, volume, labels, spacing=(1.0, 1.2, 2.5))
+    reference = tio.ToCanonical()(reference)
+    if spacing is not None:
+        reference = tio.Resample(spacing)(reference)
+    reference = tio.Compose([tio.Clamp(-175.0, 250.0),
+                             tio.RescaleIntensity(out_min_max=(-1.0, 1.0), in_min_max=(-175.0, 250.0))])(reference)
+    assert ours["image"].data.dtype == reference["image"].data.dtype
+    assert np.array_equal(ours["image"].data.numpy(), reference["image"].data.numpy())  # bit for bit
+    assert np.array_equal(ours["label"].data.numpy(), reference["label"].data.numpy())
+    assert np.allclose(ours["image"].affine, reference["image"].affine)
