@@ -45,7 +45,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from .base import VolumeDataModule, source_argument
-from .cache import CachedVolume, read_cached_array, volume_subject
+from .cache import CachedVolume, CacheStorage, decode_voxels, read_cached_array, volume_subject
 from .presets import Preprocessing
 from .resumable import ResumableLoader
 from .sources import (
@@ -202,7 +202,7 @@ class VolumeDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         volume = self.volumes[index]
         image, _ = read_cached_array(volume.image)
-        item = {"image": torch.from_numpy(np.array(image, dtype=np.float32)), "case_id": volume.case_id,
+        item = {"image": decode_voxels(np.array(image), volume.image), "case_id": volume.case_id,
                 "spacing": torch.tensor(volume.spacing, dtype=torch.float64)}
         if volume.label is not None:
             label, _ = read_cached_array(volume.label)
@@ -257,6 +257,8 @@ class SegmentationDataModule(VolumeDataModule):
             checks, listing every bad case; ``skip`` drops bad cases from every split and lists
             them in ``skipped_cases`` (a labelled subset may then hold fewer cases).
         validation_limits: plausibility limits of the data checks; None = defaults.
+        cache_storage: how the cache stores intensities (as for pre-training,
+            :class:`~data_modules.PretrainDataModule`); label maps are always stored exactly.
     """
 
     def __init__(
@@ -290,6 +292,7 @@ class SegmentationDataModule(VolumeDataModule):
         phantom_seed: int = 0,
         on_bad_case: OnBadCase = "error",
         validation_limits: ValidationLimits | None = None,
+        cache_storage: CacheStorage = "float32",
     ) -> None:
         super().__init__(
             folder=folder, csv=csv, datalist=datalist, preprocessing=preprocessing, patch_size=patch_size,
@@ -297,7 +300,7 @@ class SegmentationDataModule(VolumeDataModule):
             num_workers=num_workers, preprocess_workers=num_workers, seed=seed, cache_dir=cache_dir,
             in_channels=in_channels, phantom_root=phantom_root, phantom_cases=phantom_cases,
             phantom_shape=phantom_shape, phantom_seed=phantom_seed, on_bad_case=on_bad_case,
-            validation_limits=validation_limits)
+            validation_limits=validation_limits, cache_storage=cache_storage)
         if sum(bool(s) for s in (datalist, folder, csv)) > 1:
             raise ValueError("give one labelled source: datalist, folder or csv")
         if pos_neg_ratio < 0:

@@ -104,6 +104,16 @@ def test_evaluation_volumes_are_split_between_ranks_without_padding(data_dirs):
     assert batch["spacing"].tolist() == [[1.5, 1.5, 2.0]]
 
 
+@pytest.mark.parametrize("storage", ["int16", "float32_blosc2"])
+def test_evaluation_volumes_of_a_compact_or_compressed_cache_are_float32_intensities(data_dirs, storage):
+    exact, other = phantom_module(data_dirs, val_fraction=0.5), phantom_module(data_dirs, val_fraction=0.5,
+                                                                                cache_storage=storage)
+    for ours, reference in zip(other.volume_loader("val"), exact.volume_loader("val"), strict=True):
+        assert ours["case_id"] == reference["case_id"] and ours["image"].dtype == torch.float32
+        assert (ours["image"] - reference["image"]).abs().max() <= 1e-4  # int16 levels were once returned raw
+        assert torch.equal(ours["label"], reference["label"])
+
+
 def test_training_subjects_are_sharded_and_reshuffled_per_epoch(data_dirs):
     dm = phantom_module(data_dirs, num_workers=0, augmentation=None)
     loaders = [dm.build_train_loader(rank=rank, world_size=2) for rank in range(2)]
