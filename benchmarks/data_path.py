@@ -7,8 +7,9 @@ batch 2, 4 patches per volume load, 2 workers wherever a library takes workers:
 * ``ours`` — :class:`data_modules.PretrainDataModule`: check and preprocess once into the on-disk
   cache (one decode per volume, 2 preprocessing threads), then a TorchIO queue over memory-mapped
   arrays whose sampler cuts patch *views* (default: no queue workers);
-* ``ours_float16`` / ``ours_int16`` — the same with a compact cache (``cache_storage``): bytes per
-  voxel, disk for the corpus, and the largest difference from the float32 cache of the same files;
+* ``ours_float16`` / ``ours_int16`` / ``ours_float32_blosc2`` / ``ours_int16_blosc2`` — the same with a
+  compact or compressed cache (``cache_storage``): bytes per voxel, disk for the corpus, and the
+  largest difference from the float32 cache of the same files;
 * ``torchio_naive`` — TorchIO as its docs show it: ``tio.Queue`` (2 workers) over
   ``SubjectsDataset`` of the ``.nii.gz`` files with the preprocessing as the dataset's transform
   (every volume decoded and preprocessed each time it is loaded; rate = one whole epoch);
@@ -58,7 +59,7 @@ SAMPLES_PER_VOLUME = 4
 QUEUE_LENGTH = 24
 LOADER_WORKERS = 2
 MONAI_DRAWS = 10**6  # one epoch of the MONAI baseline: far more items than any measurement consumes
-COMPACT_STORAGES = ("float16", "int16")
+COMPACT_STORAGES = ("float16", "int16", "float32_blosc2", "int16_blosc2")
 
 
 @dataclass(frozen=True)
@@ -460,6 +461,8 @@ PIPELINE_LABELS = {
     "ours": "ours: PretrainDataModule (cache + memory-mapped queue)",
     "ours_float16": "ours, float16 cache",
     "ours_int16": "ours, int16 cache (scale + offset)",
+    "ours_float32_blosc2": "ours, float32 cache compressed (Blosc2)",
+    "ours_int16_blosc2": "ours, int16 cache compressed (Blosc2)",
     "torchio_naive": "TorchIO Queue on .nii.gz, preprocessing on the fly",
     "monai_cache": "MONAI CacheDataset + RandSpatialCropSamplesd",
     "slicing": "ceiling: memory-mapped .npy, plain slicing",
@@ -469,6 +472,8 @@ PIPELINE_CONFIGS = {
             f"{SAMPLES_PER_VOLUME} patches/volume",
     "ours_float16": "as ours, cache_storage float16",
     "ours_int16": "as ours, cache_storage int16",
+    "ours_float32_blosc2": "as ours, cache_storage float32_blosc2",
+    "ours_int16_blosc2": "as ours, cache_storage int16_blosc2",
     "torchio_naive": f"tio.Queue(num_workers={LOADER_WORKERS}, max_length={QUEUE_LENGTH}, samples_per_volume="
                      f"{SAMPLES_PER_VOLUME}, UniformSampler) + DataLoader(num_workers=0), transform on SubjectsDataset",
     "monai_cache": f"CacheDataset(cache_rate=1, num_workers={LOADER_WORKERS}) + DataLoader(num_workers={LOADER_WORKERS}, "
@@ -675,7 +680,9 @@ def summarize_runs(runs: dict[str, dict], config: DataBenchConfig, generation_s:
                   "disk saving vs float32", "patches/s", "patches/s vs float32, interleaved", "patches/s vs MONAI",
                   "max |error| vs float32"], compact_rows,
                   notes=["float16: relative error ≤ 2⁻¹¹; int16: per-volume linear scale/offset, error ≤ "
-                         "(max − min)/131070 (data_modules.cache.STORAGE_FORMATS).",
+                         "(max − min)/131070; *_blosc2: the same values compressed losslessly by Blosc2 (Zstandard "
+                         "level 1, byte shuffle), decompressed whole at each volume load "
+                         "(data_modules.cache.STORAGE_FORMATS).",
                          "'vs float32, interleaved': the compact and the float32 stream timed alternately, batch by "
                          "batch, in one process (robust to load); 'vs MONAI': separate processes."]),
             table(f"Scaling: corpora of small synthetic CTs {'×'.join(map(str, config.scale_shape))} "

@@ -1,11 +1,14 @@
 """On-disk cache of preprocessed volumes: decode and resample once, afterwards only slice.
 
 Each entry is a folder ``<cache_dir>/<case_id>-<key>/`` holding ``image.npy`` (C x I x J x K, in
-the run's :data:`STORAGE_FORMATS` - float32 by default, or a compact float16 / int16 form), optionally ``label.npy`` (uint8, or int16 when classes exceed 255) and
-``meta.json`` (affine after preprocessing, spacing, shape, source paths, preprocessing dict,
-original geometry, and a ``validation`` summary). ``.npy`` is uncompressed so it can be
-memory-mapped: readers page in only the voxels of the patches they cut, and RAM does not grow
-with the number of volumes.
+the run's :data:`STORAGE_FORMATS` - float32 by default, or a compact float16 / int16 form) or, for the
+``*_blosc2`` formats, ``image.b2nd`` (the same array compressed), optionally ``label.npy`` (uint8, or
+int16 when classes exceed 255) and ``meta.json`` (affine after preprocessing, spacing, shape, source
+paths, preprocessing dict, original geometry, and a ``validation`` summary). ``.npy`` is
+uncompressed so it can be memory-mapped: readers page in only the voxels of the patches they cut,
+and RAM does not grow with the number of volumes. A compressed image is decompressed whole each
+time a volume is loaded for sampling, and its patches are copies, so RAM still holds only the
+volumes being sampled.
 
 The key hashes the resolved source paths with their sizes and ``mtime_ns`` (every file of a DICOM
 folder, and the data file of an ``.mhd``), the preprocessing settings and the channel count: a
@@ -34,7 +37,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, get_args
 
 import numpy as np
 import torch
@@ -47,6 +50,7 @@ from .sources import Case, DataSourceError, read_image, read_label
 
 CACHE_FORMAT_VERSION = 1
 IMAGE_FILE = "image.npy"
+COMPRESSED_IMAGE_FILE = "image.b2nd"
 LABEL_FILE = "label.npy"
 META_FILE = "meta.json"
 CHECKS_FILE = "checks.json"  # validation result of a case checked before it was preprocessed
@@ -57,8 +61,14 @@ LOCKS = ".locks"  # <cache_dir>/.locks/<entry folder name>.lock: writer locks, o
 #: values beyond +-65504 are refused. ``int16``: 2 bytes/voxel, linear quantisation of each volume's
 #: own [min, max] onto 65536 levels (``value = stored * scale + offset``, both in ``meta.json``),
 #: absolute error <= scale / 2 = (max - min) / 131070 (7.6e-6 for a [0, 1] CT window), plus float32 rounding.
-CacheStorage = Literal["float32", "float16", "int16"]
-STORAGE_FORMATS: tuple[str, ...] = ("float32", "float16", "int16")
+#: ``<format>_blosc2``: the same values, compressed without further loss by Blosc2 (Zstandard level 1
+#: after byte shuffling) into ``image.b2nd``; ``float32_blosc2`` is exact. On our synthetic CTs and
+#: phantoms windowed to [0, 1] (saturated air and bone compress well), float32_blosc2 takes ~1.3
+#: bytes/voxel and int16_blosc2 ~0.9 (``make bench`` measures it).
+CacheStorage = Literal["float32", "float16", "int16", "float32_blosc2", "float16_blosc2", "int16_blosc2"]
+STORAGE_FORMATS: tuple[str, ...] = get_args(CacheStorage)
+COMPRESSION_SUFFIX = "_blosc2"
+BLOSC2_DESCRIPTION = "blosc2 zstd level 1, byte shuffle"
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +140,13 @@ def _load_entry(directory: Path, case_id: str) -> CachedVolume | None:
         meta = json.loads((directory / META_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if meta.get("format") != CACHE_FORMAT_VERSION or not (directory / IMAGE_FILE).is_file():
+    image = directory / (COMPRESSED_IMAGE_FILE if meta.get("storage", {}).get("compression") else IMAGE_FILE)
+    if meta.get("format") != CACHE_FORMAT_VERSION or not image.is_file():
         return None
     label = directory / LABEL_FILE if meta.get("label") else None
     if label is not None and not label.is_file():
         return None
-    return CachedVolume(case_id=case_id, image=directory / IMAGE_FILE, label=label, meta=meta)
+    return CachedVolume(case_id=case_id, image=image, label=label, meta=meta)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -151,7 +162,7 @@ def _entry_affine(directory: Path) -> np.ndarray:
 
 
 def decode_voxels(stored: torch.Tensor | np.ndarray, image_path: str | os.PathLike) -> torch.Tensor:
-    """Float32 intensities of voxels read from a cached ``image.npy`` (any :data:`STORAGE_FORMATS`).
+    """Float32 intensities of voxels read from a cached image (any :data:`STORAGE_FORMATS`).
 
     float32 comes back as it is (a view, no copy); float16 is widened, int16 rescaled with its
     entry's scale and offset. Only the voxels given are converted, so decode patches, not volumes.
@@ -169,7 +180,13 @@ def decode_voxels(stored: torch.Tensor | np.ndarray, image_path: str | os.PathLi
 
 
 def encode_voxels(array: np.ndarray, storage: CacheStorage, where: Path) -> tuple[np.ndarray, dict]:
-    """(stored array, ``meta.json``'s ``storage`` description) of float32 intensities; see :data:`STORAGE_FORMATS`."""
+    """(stored array, ``meta.json``'s ``storage`` description) of float32 intensities; see :data:`STORAGE_FORMATS`.
+
+    For a ``*_blosc2`` format the array is that of the format before the suffix (compression is lossless).
+    """
+    if storage.endswith(COMPRESSION_SUFFIX) and storage in STORAGE_FORMATS:
+        stored, description = encode_voxels(array, storage.removesuffix(COMPRESSION_SUFFIX), where)
+        return stored, {**description, "compression": BLOSC2_DESCRIPTION}
     if storage == "float32":
         return array, {"dtype": "float32"}
     if storage == "float16":
@@ -197,8 +214,24 @@ def _memory_map(path: Path, inode: int, mtime_ns: int) -> np.ndarray:
     return np.load(path, mmap_mode="c")
 
 
+def compress(array: np.ndarray) -> bytes:
+    """``array`` as a Blosc2 frame (see :data:`STORAGE_FORMATS`); one thread, as preprocessing runs in a pool."""
+    import blosc2  # only runs with a compressed cache pay its import
+
+    parameters = blosc2.CParams(codec=blosc2.Codec.ZSTD, clevel=1, filters=[blosc2.Filter.SHUFFLE], nthreads=1)
+    return blosc2.asarray(np.ascontiguousarray(array), cparams=parameters).to_cframe()
+
+
+def decompress(path: Path) -> np.ndarray:
+    """The whole array of a Blosc2 file written by :func:`compress` (one thread: it runs in loader workers)."""
+    import blosc2
+
+    return blosc2.open(str(path), mode="r", dparams=blosc2.DParams(nthreads=1))[()]
+
+
 def read_cached_array(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """TorchIO ``reader`` for cached arrays: a memory map and the entry's affine.
+    """TorchIO ``reader`` for cached arrays: a memory map (a compressed image: its decompressed array)
+    and the entry's affine.
 
     Copy-on-write mapping (``mmap_mode="c"``) rather than read-only, because torch refuses to wrap
     read-only NumPy arrays without a warning; nothing writes to it, so no page is ever copied (the
@@ -207,6 +240,8 @@ def read_cached_array(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     to it.
     """
     path = Path(path)
+    if path.name == COMPRESSED_IMAGE_FILE:
+        return decompress(path), _entry_affine(path.parent)
     status = path.stat()
     return _memory_map(path, status.st_ino, status.st_mtime_ns), _entry_affine(path.parent)
 
@@ -267,6 +302,8 @@ class MemoryMappedSampling:
                 data = value.data[window]
                 if isinstance(value, tio.ScalarImage) and data.dtype != torch.float32:  # compact cache
                     data = decode_voxels(data, value.path)
+                elif Path(value.path).name == COMPRESSED_IMAGE_FILE:  # a view would keep the whole volume alive
+                    data = data.clone()
                 fields[key] = type(value)(tensor=data, affine=affine)
             else:
                 fields[key] = value
@@ -340,9 +377,15 @@ def preprocess_case(
 
     directory = entry_dir(cache_dir, case, key)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / IMAGE_FILE, lambda handle: np.save(handle, np.ascontiguousarray(stored)))
+    # The arrays' renames become durable with the folder's fsync after meta.json, written last.
+    if storage_meta.get("compression"):
+        image_path = atomic_write(directory / COMPRESSED_IMAGE_FILE, compress(stored), sync_folder=False)
+    else:
+        image_path = atomic_write(directory / IMAGE_FILE, lambda handle: np.save(handle, np.ascontiguousarray(stored)),
+                                  sync_folder=False)
     if label_array is not None:
-        atomic_write(directory / LABEL_FILE, lambda handle: np.save(handle, np.ascontiguousarray(label_array)))
+        atomic_write(directory / LABEL_FILE, lambda handle: np.save(handle, np.ascontiguousarray(label_array)),
+                     sync_folder=False)
     processed = _geometry(subject["image"])
     meta = {
         "format": CACHE_FORMAT_VERSION,
@@ -376,7 +419,7 @@ def preprocess_case(
     atomic_write(directory / META_FILE, json.dumps(meta, indent=1))
     (directory / CHECKS_FILE).unlink(missing_ok=True)  # its content now lives in the sidecar
     label_path = directory / LABEL_FILE if label_array is not None else None
-    return CachedVolume(case_id=case.case_id, image=directory / IMAGE_FILE, label=label_path, meta=meta)
+    return CachedVolume(case_id=case.case_id, image=image_path, label=label_path, meta=meta)
 
 
 @contextlib.contextmanager

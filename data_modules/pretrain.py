@@ -159,7 +159,9 @@ class PretrainDataModule(VolumeDataModule):
             copy-on-write faults it causes cut throughput by half or more on a 2-core machine.
         preprocess_workers: threads that check and preprocess a cold cache (0 or 1 = one at a time).
         cache_storage: how the cache stores intensities - ``float32`` (exact, 4 bytes/voxel),
-            ``float16`` or ``int16`` (2 bytes/voxel; precision in ``data_modules.cache.STORAGE_FORMATS``).
+            ``float16`` or ``int16`` (2 bytes/voxel; precision in ``data_modules.cache.STORAGE_FORMATS``),
+            or one of them compressed losslessly with Blosc2 (``float32_blosc2``, ``float16_blosc2``,
+            ``int16_blosc2``: decompressed whole each time the queue loads a volume).
             Part of the cache key: entries of each format coexist.
         val_fraction: share of subjects held out for validation (by subject, from ``seed``).
         val_samples_per_volume: fixed patches per validation subject.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -223,3 +224,57 @@ def test_a_compact_cache_halves_the_disk_and_decodes_patches_within_its_stated_p
     window = reference[:, start[0]:start[0] + 8, start[1]:start[1] + 8, start[2]:start[2] + 8]
     assert patch["image"].data.dtype == torch.float32
     assert np.abs(patch["image"].data.numpy() - window).max() <= bound
+
+
+@pytest.mark.parametrize("storage", ["float32_blosc2", "int16_blosc2"])
+def test_a_compressed_cache_stores_its_format_losslessly_in_under_half_the_disk(tmp_path, storage):
+    from data_modules.cache import COMPRESSED_IMAGE_FILE, MemoryMappedUniformSampler, decode_voxels
+
+    cases = [Case("ct", write_image(tmp_path / "ct.nii.gz", ct_volume()))]
+    windowed = Preprocessing(orientation="RAS", spacing=None, window=(-175.0, 250.0))
+    (exact,) = ensure_cached(cases, windowed, tmp_path / "cache")
+    (uncompressed,) = ensure_cached(cases, windowed, tmp_path / "cache", storage=storage.removesuffix("_blosc2"))
+    (compressed,) = ensure_cached(cases, windowed, tmp_path / "cache", storage=storage)
+    assert compressed.image.name == COMPRESSED_IMAGE_FILE and compressed.image.parent != uncompressed.image.parent
+    assert compressed.image.stat().st_size < 0.5 * exact.image.stat().st_size
+
+    stored, _ = read_cached_array(compressed.image)
+    reference, _ = read_cached_array(uncompressed.image)
+    assert stored.dtype == reference.dtype and np.array_equal(stored, reference)  # compression adds no error
+    (reloaded,) = ensure_cached(cases, windowed, tmp_path / "cache", storage=storage)
+    assert reloaded.image == compressed.image  # found again, not rewritten
+
+    patch = next(MemoryMappedUniformSampler((8, 8, 8))(volume_subject(compressed), 1))
+    start = patch[tio.LOCATION][:3].tolist()
+    window = decode_voxels(reference, uncompressed.image)[:, start[0]:start[0] + 8, start[1]:start[1] + 8,
+                                                           start[2]:start[2] + 8]
+    data = patch["image"].data
+    assert data.dtype == torch.float32 and torch.equal(data, window)
+    assert data.untyped_storage().nbytes() == data.numel() * 4  # a copy: the decompressed volume can be freed
+
+
+def test_a_cache_entry_fsyncs_each_file_before_its_rename_and_its_folder_once_after_the_sidecar(tmp_path, monkeypatch):
+    from lightning_mim import run_files
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor: int) -> None:
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{descriptor}")).name))
+        real_fsync(descriptor)
+
+    def replace(source, destination) -> None:
+        events.append(("replace", Path(destination).name))
+        real_replace(source, destination)
+
+    case = Case("ct", write_image(tmp_path / "ct.nii.gz", ct_volume()), write_image(tmp_path / "label.nii.gz",
+                                                                                   np.ones((24, 20, 12), np.uint8)))
+    monkeypatch.setattr(run_files.os, "fsync", fsync)
+    monkeypatch.setattr(run_files.os, "replace", replace)
+    (volume,) = ensure_cached([case], Preprocessing(orientation="RAS", spacing=None), tmp_path / "cache")
+
+    files = [name for kind, name in events if kind == "replace"]
+    assert files == ["image.npy", "label.npy", "meta.json"]  # the sidecar, which marks the entry finished, last
+    synced = [name for kind, name in events if kind == "fsync"]
+    assert synced.count(volume.image.parent.name) == 1 and synced[-1] == volume.image.parent.name
+    assert len(synced) == len(files) + 1  # every file's temporary, then the folder once
