@@ -243,13 +243,13 @@ def measure_ours(csv_path: str | None, datalist: str | None, cache_dir: str, pat
 
 def max_difference(volumes, reference_module) -> float:
     """Largest |decoded compact voxel - float32 voxel| over ``volumes`` (same cases in the reference cache)."""
-    from data_modules.cache import decode_voxels
+    from data_modules.cache import decode_voxels, read_cached_array
 
     reference_module.setup("fit")
     reference = {v.case_id: v for v in reference_module.train_volumes}
     worst = 0.0
     for volume in volumes:
-        decoded = decode_voxels(np.load(volume.image, mmap_mode="r")[:], volume.image).numpy()
+        decoded = decode_voxels(read_cached_array(volume.image)[0][:], volume.image).numpy()
         exact = np.load(reference[volume.case_id].image, mmap_mode="r")
         worst = max(worst, float(np.abs(decoded - exact).max()))
     return worst

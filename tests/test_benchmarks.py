@@ -117,6 +117,9 @@ def test_every_data_pipeline_delivers_preprocessed_patches(tmp_path):
     assert compact["bytes_per_voxel"] == pytest.approx(2.0, abs=0.01)
     assert 0 < compact["max_abs_error"] <= 1e-4  # int16 over the [0, 1] window: ≤ 1/131070
     assert compact["interleaved_with_float32"]["ratio"] > 0
+    compressed = data_path.measure_ours(csv_path, None, str(tmp_path / "blosc2"), 16, preprocess_workers=0,
+                                        storage="float32_blosc2", reference_cache=cache, **limits)
+    assert compressed["max_abs_error"] == 0.0 and compressed["bytes_per_voxel"] < 4.0  # lossless, smaller
     config = data_path.DataBenchConfig(volumes=1, shape=(48, 48, 20), patch=16, phantom_cases=1)
     runs["ct2/ours"] = runs["ct1/ours"]
     section = data_path.summarize_runs(runs, config)
