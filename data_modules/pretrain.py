@@ -161,7 +161,7 @@ class PretrainDataModule(VolumeDataModule):
         cache_storage: how the cache stores intensities - ``float32`` (exact, 4 bytes/voxel),
             ``float16`` or ``int16`` (2 bytes/voxel; precision in ``data_modules.cache.STORAGE_FORMATS``),
             or one of them compressed losslessly with Blosc2 (``float32_blosc2``, ``float16_blosc2``,
-            ``int16_blosc2``: decompressed whole each time the queue loads a volume).
+            ``int16_blosc2``: a patch decompresses only the 32³ blocks it covers).
             Part of the cache key: entries of each format coexist.
         val_fraction: share of subjects held out for validation (by subject, from ``seed``).
         val_samples_per_volume: fixed patches per validation subject.

@@ -227,10 +227,11 @@ def test_a_compact_cache_halves_the_disk_and_decodes_patches_within_its_stated_p
 
 
 @pytest.mark.parametrize("storage", ["float32_blosc2", "int16_blosc2"])
-def test_a_compressed_cache_stores_its_format_losslessly_in_under_half_the_disk(tmp_path, storage):
+def test_a_compressed_cache_stores_its_format_losslessly_in_under_half_the_disk(tmp_path, storage, monkeypatch):
+    from data_modules import cache
     from data_modules.cache import COMPRESSED_IMAGE_FILE, MemoryMappedUniformSampler, decode_voxels
 
-    cases = [Case("ct", write_image(tmp_path / "ct.nii.gz", ct_volume()))]
+    cases = [Case("ct", write_image(tmp_path / "ct.nii.gz", ct_volume((80, 72, 40))))]
     windowed = Preprocessing(orientation="RAS", spacing=None, window=(-175.0, 250.0))
     (exact,) = ensure_cached(cases, windowed, tmp_path / "cache")
     (uncompressed,) = ensure_cached(cases, windowed, tmp_path / "cache", storage=storage.removesuffix("_blosc2"))
@@ -244,13 +245,16 @@ def test_a_compressed_cache_stores_its_format_losslessly_in_under_half_the_disk(
     (reloaded,) = ensure_cached(cases, windowed, tmp_path / "cache", storage=storage)
     assert reloaded.image == compressed.image  # found again, not rewritten
 
-    patch = next(MemoryMappedUniformSampler((8, 8, 8))(volume_subject(compressed), 1))
-    start = patch[tio.LOCATION][:3].tolist()
-    window = decode_voxels(reference, uncompressed.image)[:, start[0]:start[0] + 8, start[1]:start[1] + 8,
-                                                           start[2]:start[2] + 8]
-    data = patch["image"].data
-    assert data.dtype == torch.float32 and torch.equal(data, window)
-    assert data.untyped_storage().nbytes() == data.numel() * 4  # a copy: the decompressed volume can be freed
+    # Patches are read block by block (each 40-voxel side crosses a 32³ block), never the whole volume.
+    monkeypatch.setattr(cache, "decompress", lambda path: pytest.fail("a patch sampler decompressed a whole volume"))
+    subject = volume_subject(compressed)
+    for patch in MemoryMappedUniformSampler((40, 40, 24))(subject, 3):
+        start = patch[tio.LOCATION][:3].tolist()
+        window = decode_voxels(reference, uncompressed.image)[:, start[0]:start[0] + 40, start[1]:start[1] + 40,
+                                                               start[2]:start[2] + 24]
+        data = patch["image"].data
+        assert data.dtype == torch.float32 and torch.equal(data, window)
+    assert subject["image"].data.stride() == (0, 0, 0, 0)  # the sampled subject holds no voxels
 
 
 def test_a_cache_entry_fsyncs_each_file_before_its_rename_and_its_folder_once_after_the_sidecar(tmp_path, monkeypatch):
