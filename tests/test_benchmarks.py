@@ -120,10 +120,17 @@ def test_every_data_pipeline_delivers_preprocessed_patches(tmp_path):
     compressed = data_path.measure_ours(csv_path, None, str(tmp_path / "blosc2"), 16, preprocess_workers=0,
                                         storage="float32_blosc2", reference_cache=cache, **limits)
     assert compressed["max_abs_error"] == 0.0 and compressed["bytes_per_voxel"] < 4.0  # lossless, smaller
+    cold = data_path.measure_cold_preparation(csv_path, None, [str(p) for p in paths], str(tmp_path / "cold"), 16,
+                                              repeats=2)
+    assert len(cold["ours_s"]) == len(cold["monai_s"]) == 2 and cold["ratio_median"] > 0
+    assert len(list((tmp_path / "cold").iterdir())) == 2  # each of ours prepared an empty cache of its own
     config = data_path.DataBenchConfig(volumes=1, shape=(48, 48, 20), patch=16, phantom_cases=1)
-    runs["ct2/ours"] = runs["ct1/ours"]
+    runs["ct2/ours"], runs["ct2/cold"] = runs["ct1/ours"], cold
     section = data_path.summarize_runs(runs, config)
     assert [t["met"] for t in section["targets"]][3] is True  # same run for N and 2N: no memory growth
+    (preparation,) = [t for t in section["targets"] if t["target"].startswith("data: cold cache preparation") and
+                      t["value"] is not None]
+    assert preparation["value"] == cold["ratio_median"]
 
 
 def test_monai_pipeline_applies_the_same_preprocessing_as_ours(tmp_path):
@@ -255,3 +262,22 @@ def test_sliding_window_sides_agree():
     failed = evaluation.summarize({"error": "Traceback ...\nAttributeError: no sw_batch_size"}, {}, config)
     assert failed["targets"][0]["met"] is None
     assert failed["notes"] == ["timing failed: AttributeError: no sw_batch_size (traceback in the JSON)"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_study_diagnosis_records_curves_probe_and_loads_the_export_tensor_by_tensor(tmp_path):
+    from benchmarks import diagnose_study_method as diagnosis
+
+    diagnosis.main(["--methods", "smit", "--steps", "2", "--probe_every", "1", "--output", str(tmp_path)])
+    result = json.loads((tmp_path / "diagnosis.json").read_text())
+    (run,) = result["runs"]
+    assert [row["step"] for row in run["probe"]] == [0, 1, 2]
+    assert len(run["curve"]) == 2 and {"mip", "patch_distill", "cls_distill"} <= set(run["curve"][0])
+    assert set(run["input_dependence"]) == {"step 0", "step 2"}
+    probe, finetune = result["loading"]
+    for check in (probe, finetune):
+        assert check["missing"] == check["mismatched"] == check["unexpected"] == 0
+        assert check["start_equals_file"] == check["file_tensors"] > 0
+    assert probe["end_equals_file_encoder"] == probe["file_encoder_tensors"]  # frozen encoder untouched
+    assert finetune["max_abs_change_encoder"] > 0
