@@ -562,15 +562,16 @@ def run(config: DataBenchConfig, workdir: Path | None = None, log: Callable[[str
             _safe(runs, f"ct{count}/slicing", measure_slicing, csv_path, None, cache, patch, **limits)
             log(f"data: MONAI CacheDataset, {count} CTs")
             _safe(runs, f"ct{count}/monai_cache", measure_monai_cache, subset, patch, **limits)
-        log(f"data: cold preparation, ours and MONAI alternated {config.cold_repeats}×, {2 * n} CTs")
-        _safe(runs, f"ct{2 * n}/cold", measure_cold_preparation, csv_path, None, subset, str(scratch / "cold_cts"), patch,
-              config.cold_repeats)
         for storage in COMPACT_STORAGES:
             log(f"data: ours with a {storage} cache, {2 * n} CTs")
             _safe(runs, f"ct{2 * n}/ours_{storage}", measure_ours, csv_path, None, str(scratch / f"cache_{storage}"),
                   patch, storage=storage, reference_cache=cache, **limits)
         log(f"data: naive TorchIO, {2 * n} CTs")
         _safe(runs, f"ct{2 * n}/torchio_naive", measure_torchio_naive, [str(p) for p in paths], patch)
+        # After the patch streams: its ten fresh caches must not be written back while others are timed.
+        log(f"data: cold preparation, ours and MONAI alternated {config.cold_repeats}×, {2 * n} CTs")
+        _safe(runs, f"ct{2 * n}/cold", measure_cold_preparation, csv_path, None, subset, str(scratch / "cold_cts"), patch,
+              config.cold_repeats)
 
         from data_modules.phantoms import ensure_phantom_cohort
         from data_modules.sources import cases_from_datalist
