@@ -80,11 +80,12 @@ class NetworkSnapshot(L.Callback):
         self.end = self._copy(pl_module)
 
 
-def study(output: Path, steps: int):
+def study(output: Path, steps: int, extra: list[str] | None = None):
+    """The study's runner; ``extra``: further ``study`` arguments (e.g. other ``--phantoms``)."""
     from lightning_mim.study.runner import Study, build_parser, settings_from_args
 
     args = build_parser().parse_args(["--config", str(find_recipe(STUDY_CONFIG)), "--output", str(output),
-                                      "--pretrain_steps", str(steps)])
+                                      "--pretrain_steps", str(steps), *(extra or [])])
     return Study(settings_from_args(args), echo=lambda text: None)
 
 
@@ -135,8 +136,42 @@ def smit_input_dependence(module, images: torch.Tensor, masks: int = 5) -> dict[
             **{name: sum(values) / len(values) for name, values in losses.items()}}
 
 
+def simmim_input_dependence(module, images: torch.Tensor, masks: int = 5) -> dict[str, float]:
+    """SimMIM-3D's counterpart of :func:`smit_input_dependence` (same Swin encoder and linear decoder).
+
+    Mean cosine similarity between samples of the mean-pooled bottleneck, and the masked-voxel L1 of
+    the decoder fed each sample's own bottleneck, the batch mean's and another sample's.
+    """
+    from lightning_mim.losses.reconstruction import masked_voxel_l1
+    from lightning_mim.masking.grid import voxel_mask
+    from lightning_mim.masking.random import random_cell_mask
+
+    module = module.eval()
+    encoder = module.encoder
+    with torch.no_grad():
+        pooled = encoder(images, None, normalize=False)[-1].flatten(2).mean(dim=2)
+        losses: dict[str, list[float]] = {"mip_l1_own": [], "mip_l1_batch_mean": [], "mip_l1_other_sample": []}
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        for _ in range(masks):
+            cells = random_cell_mask(images.shape[0], encoder.cell_grid, module.mask_ratio, device=images.device)
+            features = encoder(images, encoder.token_mask(cells), normalize=False)
+            bottleneck = encoder.proj_out(features[-1], module.normalize_bottleneck)
+            voxels = voxel_mask(cells, encoder.mask_cell)
+            for name, code in (("mip_l1_own", bottleneck),
+                               ("mip_l1_batch_mean", bottleneck.mean(dim=0, keepdim=True).expand_as(bottleneck)),
+                               ("mip_l1_other_sample", bottleneck.roll(1, dims=0))):
+                losses[name].append(float(masked_voxel_l1(module.decoder(code), images, voxels)))
+        torch.random.set_rng_state(generator_state)
+    return {"global_token_cosine": _mean_cosine_between_samples(pooled),
+            **{name: sum(values) / len(values) for name, values in losses.items()}}
+
+
+INPUT_DEPENDENCE = {"smit": smit_input_dependence, "simmim3d": simmim_input_dependence}
+
+
 def pretrain(method: str, steps: int, probe_every: int, output: Path, seed: int = 0,
-             overrides: list[str] | None = None) -> dict[str, Any]:
+             overrides: list[str] | None = None, study_args: list[str] | None = None) -> dict[str, Any]:
     """The study's pre-training of ``method`` for ``steps`` steps (its seed 0 unless ``seed``), recorded.
 
     ``overrides`` are extra ``fit`` arguments appended to the study's (e.g. a warm-up to test).
@@ -145,7 +180,7 @@ def pretrain(method: str, steps: int, probe_every: int, output: Path, seed: int 
     from lightning_mim.callbacks.probe import SegmentationProbe
     from lightning_mim.cli import MIMCLI
 
-    runner = study(output, steps)
+    runner = study(output, steps, study_args)
     arm = runner.pretrain_arm(method)
     arm.folder = output / f"pretrain-{method}-{steps}-seed{seed}{'-overridden' if overrides else ''}"
     probe_data = {"datalist": runner.settings.labelled["datalist"]}
@@ -161,12 +196,12 @@ def pretrain(method: str, steps: int, probe_every: int, output: Path, seed: int 
     probe = next(c for c in cli.trainer.callbacks if isinstance(c, SegmentationProbe))
     run = {"method": method, "steps": steps, "seed": seed, "overrides": overrides or [], "curve": StepRecorder.last.rows, "probe": probe.history,
            "encoder": str(runner.run_folder(arm) / "encoder.pt"), "command": " ".join(args)}
-    if method == "smit":  # on the probe's eval crops (the study's test cases, its preprocessing)
+    check = INPUT_DEPENDENCE.get(method)
+    if check is not None:  # on the probe's eval crops (the study's test cases, its preprocessing)
         images = probe._crops["eval"][0]
         initial = type(cli.model)(**{k: v for k, v in cli.model.hparams.items() if not k.startswith("_")})
         initial.load_state_dict(StepRecorder.last.initial_state)
-        run["input_dependence"] = {"step 0": smit_input_dependence(initial, images),
-                                   f"step {steps}": smit_input_dependence(cli.model, images)}
+        run["input_dependence"] = {"step 0": check(initial, images), f"step {steps}": check(cli.model, images)}
     return run
 
 
@@ -174,7 +209,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a, b)
 
 
-def check_loading(method: str, encoder: Path, output: Path) -> list[dict[str, Any]]:
+def check_loading(method: str, encoder: Path, output: Path, study_args: list[str] | None = None) -> list[dict[str, Any]]:
     """The study's probe arm and 1-case fine-tuning arm (seed 0) on ``encoder``, compared tensor by tensor."""
     from lightning_mim.cli import MIMCLI
     from lightning_mim.segmentation.module import SegmentationModule
@@ -182,7 +217,7 @@ def check_loading(method: str, encoder: Path, output: Path) -> list[dict[str, An
     from lightning_mim.segmentation.weights import read_encoder_file
 
     file = read_encoder_file(encoder)
-    runner = study(output, 0)
+    runner = study(output, 0, study_args)
     checks = []
     for kind, budget in (("probe", runner.settings.probe_budget), ("finetune", min(runner.settings.budgets))):
         arm = runner.evaluation_arm(kind, method, encoder, budget, 0, pretrained=True)
@@ -246,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
                         "spread of the probe over random initialisations)")
     parser.add_argument("--pretrain_overrides", default="", help="extra fit arguments for the pre-training runs, "
                         "one string (e.g. '--model.init_args.warmup_epochs=0.5'); the study's recipe when empty")
+    parser.add_argument("--study_args", default="", help="extra study arguments, one string (e.g. larger "
+                        "'--phantoms {...}'); the study's configuration when empty")
     parser.add_argument("--check_loading", type=int, default=1, help="1: also run the export → load check")
     args = parser.parse_args(argv)
     if len(args.probe_every) != len(args.steps):
@@ -253,14 +290,16 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {"runs": [], "loading": []}
     for method in args.methods:
         for steps, every in zip(args.steps, args.probe_every):
-            run = pretrain(method, steps, every, args.output, args.seed, shlex.split(args.pretrain_overrides))
+            run = pretrain(method, steps, every, args.output, args.seed, shlex.split(args.pretrain_overrides),
+                           shlex.split(args.study_args))
             result["runs"].append(run)
             print(f"\n## {method}, {steps} steps, seed {args.seed}: losses (window means)\n\n{curve_table(run, every)}")
             print(f"\n## {method}, {steps} steps, seed {args.seed}: online probe\n\n{probe_table(run)}", flush=True)
             for when, values in run.get("input_dependence", {}).items():
                 print(f"input dependence at {when}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()), flush=True)
         if args.check_loading:
-            checks = check_loading(method, Path(result["runs"][-len(args.steps)]["encoder"]), args.output)
+            checks = check_loading(method, Path(result["runs"][-len(args.steps)]["encoder"]), args.output,
+                                   shlex.split(args.study_args))
             result["loading"] += checks
             print(f"\n## {method}: export → load\n\n" + "\n".join(json.dumps(c) for c in checks), flush=True)
         (args.output / "diagnosis.json").write_text(json.dumps(result, indent=1))

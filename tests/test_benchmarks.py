@@ -266,15 +266,18 @@ def test_sliding_window_sides_agree():
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_study_diagnosis_records_curves_probe_and_loads_the_export_tensor_by_tensor(tmp_path):
+@pytest.mark.parametrize("method, losses", [("smit", {"mip", "patch_distill", "cls_distill"}), ("simmim3d", {"mip"})])
+def test_study_diagnosis_records_curves_probe_and_loads_the_export_tensor_by_tensor(tmp_path, method, losses):
     from benchmarks import diagnose_study_method as diagnosis
 
-    diagnosis.main(["--methods", "smit", "--steps", "2", "--probe_every", "1", "--output", str(tmp_path)])
+    diagnosis.main(["--methods", method, "--steps", "2", "--probe_every", "1", "--output", str(tmp_path)])
     result = json.loads((tmp_path / "diagnosis.json").read_text())
     (run,) = result["runs"]
     assert [row["step"] for row in run["probe"]] == [0, 1, 2]
-    assert len(run["curve"]) == 2 and {"mip", "patch_distill", "cls_distill"} <= set(run["curve"][0])
-    assert set(run["input_dependence"]) == {"step 0", "step 2"}
+    assert len(run["curve"]) == 2 and losses <= set(run["curve"][0])
+    dependence = run["input_dependence"]
+    assert set(dependence) == {"step 0", "step 2"}
+    assert all(values["mip_l1_own"] > 0 and -1 <= values["global_token_cosine"] <= 1 for values in dependence.values())
     probe, finetune = result["loading"]
     for check in (probe, finetune):
         assert check["missing"] == check["mismatched"] == check["unexpected"] == 0
