@@ -206,3 +206,18 @@ def test_every_study_method_has_its_recipe_and_cpu_scale_layer_and_phantoms_more
     assert set(more.methods).isdisjoint(base.methods) and set(base.methods) | set(more.methods) == set(METHOD_RECIPES)
     differences = {key for key in vars(base) if key != "__path__" and base[key] != more[key]}
     assert differences == {"config", "name", "methods", "report_folder"}  # same pools, steps, seeds, output folder
+
+
+def test_progress_eta_estimates_fine_tuning_from_the_probe_arms_not_from_pre_training():
+    from lightning_mim.study.runner import Arm, Progress
+
+    arms = [Arm("pretrain", "p")] + [Arm("probe", f"a{i}") for i in range(2)] + [Arm("finetune", f"f{i}") for i in range(4)]
+    progress = Progress(arms)
+    assert progress.eta() == "ETA: after the first arm"
+    progress.line(arms[0], "done", 600.0)  # pre-training: 10 min
+    assert progress.eta() == "ETA 60.0 min"  # nothing else measured yet: 6 arms × the only mean there is
+    progress.line(arms[1], "done", 30.0)
+    # 1 probe and 4 fine-tuning arms left, all at the probe's 30 s: 2.5 min (not 4 × the 315 s overall mean).
+    assert progress.eta() == "ETA 2.5 min"
+    progress.line(arms[3], "done", 90.0)
+    assert progress.eta() == "ETA 5.0 min"  # 1 probe × 30 s + 3 fine-tuning × 90 s

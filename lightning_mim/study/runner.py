@@ -101,7 +101,12 @@ class NotFinished(RuntimeError):
 
 
 class Progress:
-    """Per-arm progress lines: phase, arm, elapsed time and an ETA from the mean time of finished arms per kind."""
+    """Per-arm progress lines: phase, arm, elapsed time and an ETA from the mean time of finished arms per kind.
+
+    A kind with no finished arm yet is estimated from the arms most like it: an evaluation kind (probe,
+    fine-tuning: one short fit + test each) from the other evaluation kind, before any pre-training mean,
+    which is minutes per arm and would inflate the estimate several-fold.
+    """
 
     def __init__(self, arms: list[Arm]) -> None:
         self.total = {kind: sum(a.kind == kind for a in arms) for kind in ("pretrain", "probe", "finetune")}
@@ -113,11 +118,11 @@ class Progress:
         measured = [s for values in self.seconds.values() for s in values]
         if not measured:
             return "ETA: after the first arm"
-        fallback = sum(measured) / len(measured)
+        evaluations = self.seconds["probe"] + self.seconds["finetune"]
         remaining = 0.0
         for kind, total in self.total.items():
-            mean = sum(self.seconds[kind]) / len(self.seconds[kind]) if self.seconds[kind] else fallback
-            remaining += (total - self.done[kind]) * mean
+            like = self.seconds[kind] or (evaluations if kind != "pretrain" else []) or measured
+            remaining += (total - self.done[kind]) * sum(like) / len(like)
         return f"ETA {remaining / 60:.1f} min"
 
     def line(self, arm: Arm, status: str, seconds: float | None = None) -> str:
