@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-## The main job, the short form of the label-efficiency study: pre-train MAE-3D on 64 unlabelled
-## phantoms, then its frozen-encoder probe and 1-labelled-case fine-tuning vs the same UNETR from scratch,
+## The main job, the short form of the label-efficiency study: pre-train AnatoMask on 64 unlabelled
+## phantoms, then its frozen-encoder probe and 1-labelled-case fine-tuning vs the same network from scratch,
 ## 3 seeds; one progress line per run with an ETA, then the per-organ table (mean ± SD, paired difference
 ## with its 95 % CI). The full study of every method: `python -m lightning_mim study`.
 demo: $(STAMP)

@@ -1,7 +1,7 @@
 """``python -m lightning_mim demo`` (``make demo``): does pre-training pay off? The short form of the study.
 
-MAE-3D is pre-trained on 64 unlabelled phantoms, exported, then its frozen-encoder probe and its
-fine-tuning on one labelled phantom are compared with the same UNETR from random initialisation,
+AnatoMask is pre-trained on 64 unlabelled phantoms, exported, then its frozen-encoder probe and its
+fine-tuning on one labelled phantom are compared with the same network from random initialisation,
 3 seeds each, on 6 held-out phantoms (``experiments/study/demo.yaml``; the full study is
 ``python -m lightning_mim study``). Progress shows one line per run with an ETA; the end is the
 per-organ table pre-trained vs scratch (mean ± SD over seeds) with the paired difference and its

@@ -221,3 +221,15 @@ def test_progress_eta_estimates_fine_tuning_from_the_probe_arms_not_from_pre_tra
     assert progress.eta() == "ETA 2.5 min"
     progress.line(arms[3], "done", 90.0)
     assert progress.eta() == "ETA 5.0 min"  # 1 probe × 30 s + 3 fine-tuning × 90 s
+
+
+def test_demo_config_is_the_study_config_cut_down_so_its_arms_are_the_studys():
+    """The README reads the demo's table as the study's rows: same pools, steps, seeds, ROIs and statistics."""
+    from lightning_mim.demo import DEMO_RECIPE
+    from lightning_mim.recipes import find_recipe
+
+    demo = yaml.safe_load(find_recipe(DEMO_RECIPE).read_text())
+    study = yaml.safe_load(find_recipe("study/phantoms.yaml").read_text())
+    assert set(demo["methods"]) <= set(study["methods"]) and set(demo["budgets"]) <= set(study["budgets"])
+    cut = {"name", "output", "methods", "budgets"}
+    assert {k: v for k, v in demo.items() if k not in cut} == {k: v for k, v in study.items() if k not in cut}
