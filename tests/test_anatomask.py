@@ -129,12 +129,18 @@ def test_cli_fit_end_to_end(tmp_path, monkeypatch):
         "--config", str(ROOT / "tests/configs/anatomask_tiny.yaml"),
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--data.init_args.phantom_root", str(tmp_path / "phantoms"), "--data.init_args.cache_dir", str(tmp_path / "cache"),
+        # A step budget under a long max_epochs (as the study runs): the per-epoch schedules span the 2 epochs run.
+        "--trainer.max_epochs", "1000", "--trainer.max_steps", "4",
     ])
     trainer = runs[0].trainer
-    assert trainer.global_step == 4 and trainer.gradient_clip_val == 12.0
+    assert trainer.global_step == 4 and trainer.current_epoch == 2 and trainer.gradient_clip_val == 12.0
+    assert runs[0].model.planned_epochs() == 2
     metrics = trainer.callback_metrics
     for name in ("train/loss_epoch", "train/spearman", "train/hard_fraction", "train/ema_momentum"):
         assert math.isfinite(float(metrics[name])), name
+    # Last epoch of 2: α = 0.5 (AnatoMask's schedule, capped), so hard cells are chosen; over 1000 planned
+    # epochs α would be 0.001 and every mask random.
+    assert float(metrics["train/hard_fraction"]) > 0
     checkpoints = list(tmp_path.rglob("last.ckpt"))
     assert len(checkpoints) == 1 and list(tmp_path.rglob("panels/*.png"))
     restored = AnatoMask.load_from_checkpoint(checkpoints[0])

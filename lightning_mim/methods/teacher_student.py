@@ -8,11 +8,13 @@ per-epoch difficulty of teacher-guided masks (SelfMedHPM, AnatoMask).
 
 from __future__ import annotations
 
+import math
 from typing import Literal, get_args
 
 from torch import nn
 
 from lightning_mim.methods.base import MIMModule
+from lightning_mim.optimisation import trainer_run_length
 from lightning_mim.schedules import DifficultyKind, MomentumSchedule, hard_patch_fraction
 from lightning_mim.teachers import EMATeacher
 
@@ -93,8 +95,20 @@ class TeacherStudentModule(MIMModule):
         self.difficulty = (difficulty_schedule, max_hard_fraction)
 
     def planned_epochs(self) -> int:
-        max_epochs = getattr(self._trainer, "max_epochs", None)
-        return int(max_epochs) if max_epochs and max_epochs > 0 else 1
+        """Epochs this run trains: ``max_epochs``, or fewer where ``max_steps`` ends the run first.
+
+        Per-epoch schedules (guided masking's ``α``, the EMA ramp) must span the run that happens: a
+        step budget under a recipe's ``max_epochs: 1000`` would otherwise leave them at their start.
+        """
+        trainer = self._trainer
+        max_epochs = getattr(trainer, "max_epochs", None)
+        epochs = int(max_epochs) if max_epochs and max_epochs > 0 else 1
+        max_steps = getattr(trainer, "max_steps", -1)
+        if max_steps is not None and max_steps > 0:
+            length = trainer_run_length(trainer)
+            if length.steps_per_epoch:
+                epochs = math.ceil(length.total_steps / length.steps_per_epoch)
+        return max(epochs, 1)
 
     def hard_fraction(self) -> float:
         """Difficulty ``α`` (share of the masked patches chosen as the hardest) for the current epoch."""
