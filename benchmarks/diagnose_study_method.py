@@ -95,6 +95,32 @@ def _mean_cosine_between_samples(values: torch.Tensor) -> float:
     return float((similarity.sum() - similarity.diagonal().sum()) / (count * count - count))
 
 
+def _swapped_bottleneck_l1(images: torch.Tensor, encoder, mask_ratio: float, bottleneck_of, decode,
+                           masks: int) -> dict[str, float]:
+    """Masked-voxel L1 of ``decode`` fed each sample's own bottleneck, the batch mean's and another sample's.
+
+    ``bottleneck_of(cells)`` encodes ``images`` under a cell mask. The masks are drawn from seed 0 and the
+    global RNG is restored, so the check neither varies between calls nor disturbs the training stream.
+    """
+    from lightning_mim.losses.reconstruction import masked_voxel_l1
+    from lightning_mim.masking.grid import voxel_mask
+    from lightning_mim.masking.random import random_cell_mask
+
+    losses: dict[str, list[float]] = {"mip_l1_own": [], "mip_l1_batch_mean": [], "mip_l1_other_sample": []}
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    for _ in range(masks):
+        cells = random_cell_mask(images.shape[0], encoder.cell_grid, mask_ratio, device=images.device)
+        bottleneck = bottleneck_of(cells)
+        voxels = voxel_mask(cells, encoder.mask_cell)
+        for name, code in (("mip_l1_own", bottleneck),
+                           ("mip_l1_batch_mean", bottleneck.mean(dim=0, keepdim=True).expand_as(bottleneck)),
+                           ("mip_l1_other_sample", bottleneck.roll(1, dims=0))):
+            losses[name].append(float(masked_voxel_l1(decode(code), images, voxels)))
+    torch.random.set_rng_state(generator_state)
+    return {name: sum(values) / len(values) for name, values in losses.items()}
+
+
 def smit_input_dependence(module, images: torch.Tensor, masks: int = 5) -> dict[str, float]:
     """Does SMIT's student still tell inputs apart (eval mode, no gradients)?
 
@@ -105,9 +131,6 @@ def smit_input_dependence(module, images: torch.Tensor, masks: int = 5) -> dict[
     not use the input).
     """
     from lightning_mim.backbones.compositions import TAP_STAGE
-    from lightning_mim.losses.reconstruction import masked_voxel_l1
-    from lightning_mim.masking.grid import voxel_mask
-    from lightning_mim.masking.random import random_cell_mask
 
     module = module.eval()
     student, hp = module.student, module.hparams
@@ -116,24 +139,16 @@ def smit_input_dependence(module, images: torch.Tensor, masks: int = 5) -> dict[
         output = student.decode(images, features)
         global_token = student.tap_norm(features[TAP_STAGE].flatten(2).transpose(1, 2)).mean(dim=1)
         head_bottleneck = F.normalize(student.cls_head.mlp(global_token), dim=-1)
-        losses: dict[str, list[float]] = {"mip_l1_own": [], "mip_l1_batch_mean": [], "mip_l1_other_sample": []}
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(0)
-        for _ in range(masks):
-            cells = random_cell_mask(images.shape[0], module.encoder.cell_grid, hp.mask_ratio, device=images.device)
-            masked = student(images, module.encoder.token_mask(cells))
-            bottleneck = module.encoder.proj_out(masked.bottleneck, hp.normalize_bottleneck)
-            voxels = voxel_mask(cells, hp.mask_cell)
-            for name, code in (("mip_l1_own", bottleneck),
-                               ("mip_l1_batch_mean", bottleneck.mean(dim=0, keepdim=True).expand_as(bottleneck)),
-                               ("mip_l1_other_sample", bottleneck.roll(1, dims=0))):
-                losses[name].append(float(masked_voxel_l1(module.mip_head(code), images, voxels)))
-        torch.random.set_rng_state(generator_state)
+        losses = _swapped_bottleneck_l1(
+            images, module.encoder, hp.mask_ratio,
+            lambda cells: module.encoder.proj_out(student(images, module.encoder.token_mask(cells)).bottleneck,
+                                                  hp.normalize_bottleneck),
+            module.mip_head, masks)
     return {"global_token_cosine": _mean_cosine_between_samples(global_token),
             "head_bottleneck_cosine": _mean_cosine_between_samples(head_bottleneck),
             "cls_logit_std_over_samples": float(output.cls_logits.std(dim=0).mean()),
             "cls_logit_std_over_prototypes": float(output.cls_logits.std(dim=1).mean()),
-            **{name: sum(values) / len(values) for name, values in losses.items()}}
+            **losses}
 
 
 def simmim_input_dependence(module, images: torch.Tensor, masks: int = 5) -> dict[str, float]:
@@ -142,29 +157,16 @@ def simmim_input_dependence(module, images: torch.Tensor, masks: int = 5) -> dic
     Mean cosine similarity between samples of the mean-pooled bottleneck, and the masked-voxel L1 of
     the decoder fed each sample's own bottleneck, the batch mean's and another sample's.
     """
-    from lightning_mim.losses.reconstruction import masked_voxel_l1
-    from lightning_mim.masking.grid import voxel_mask
-    from lightning_mim.masking.random import random_cell_mask
-
     module = module.eval()
     encoder = module.encoder
     with torch.no_grad():
         pooled = encoder(images, None, normalize=False)[-1].flatten(2).mean(dim=2)
-        losses: dict[str, list[float]] = {"mip_l1_own": [], "mip_l1_batch_mean": [], "mip_l1_other_sample": []}
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(0)
-        for _ in range(masks):
-            cells = random_cell_mask(images.shape[0], encoder.cell_grid, module.mask_ratio, device=images.device)
-            features = encoder(images, encoder.token_mask(cells), normalize=False)
-            bottleneck = encoder.proj_out(features[-1], module.normalize_bottleneck)
-            voxels = voxel_mask(cells, encoder.mask_cell)
-            for name, code in (("mip_l1_own", bottleneck),
-                               ("mip_l1_batch_mean", bottleneck.mean(dim=0, keepdim=True).expand_as(bottleneck)),
-                               ("mip_l1_other_sample", bottleneck.roll(1, dims=0))):
-                losses[name].append(float(masked_voxel_l1(module.decoder(code), images, voxels)))
-        torch.random.set_rng_state(generator_state)
-    return {"global_token_cosine": _mean_cosine_between_samples(pooled),
-            **{name: sum(values) / len(values) for name, values in losses.items()}}
+        losses = _swapped_bottleneck_l1(
+            images, encoder, module.mask_ratio,
+            lambda cells: encoder.proj_out(encoder(images, encoder.token_mask(cells), normalize=False)[-1],
+                                           module.normalize_bottleneck),
+            module.decoder, masks)
+    return {"global_token_cosine": _mean_cosine_between_samples(pooled), **losses}
 
 
 INPUT_DEPENDENCE = {"smit": smit_input_dependence, "simmim3d": simmim_input_dependence}
