@@ -26,6 +26,7 @@ with :meth:`VolumeDataModule.queue_loader`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,32 +70,81 @@ def unique_cases(splits: dict[str, list[Case]]) -> list[Case]:
 class VolumeDataModule(L.LightningDataModule):
     """Base of the data modules that train on patches of cached 3D volumes (see the module docstring).
 
-    The arguments are those of the subclasses, which list them with their own defaults (LightningCLI
-    reads the subclass's signature) and pass them here by name.
+    A subclass lists its own arguments (and the shared ones whose default or meaning differs) and passes
+    the rest here through ``**kwargs``; LightningCLI follows that call, so these arguments appear in
+    every subclass's configuration under the same names.
+
+    Args:
+        folder, csv, datalist: the sources (each subclass says what it reads from them).
+        preprocessing: preset name (see ``data_modules.presets.PRESETS``) or full settings; use the
+            pre-training run's for fine-tuning. Its ``pad_to`` is raised to at least ``patch_size`` so
+            every patch fits.
+        patch_size: size of the training patch the queue cuts.
+        samples_per_volume: patches per volume each time the queue loads it (MONAI recipe: 4).
+        queue_length: patches the queue buffers and shuffles; several times samples_per_volume mixes
+            subjects within each batch.
+        batch_size: items per batch (per rank).
+        num_workers: worker processes of the queue's subject loader. Default 0: with the memory-mapped
+            cache the workers would only pass tiny unloaded subjects (patches are cut in the main
+            process, as TorchIO's queue always does), while re-forking them every epoch and the
+            copy-on-write faults it causes cut throughput by half or more on a 2-core machine.
+        preprocess_workers: threads that check and preprocess a cold cache (0 or 1 = one at a time).
+        seed: the held-out split, the labelled subset, fixed validation patches and the patch
+            augmentation (offset per rank).
+        cache_dir: preprocessed-volume cache; default ``$LMIM_CACHE_DIR`` or
+            ``~/.cache/lightning_mim/preprocessed``.
+        in_channels: channels per image; 4D files are accepted only when this is > 1.
+        phantom_root: where the phantom cohort is generated (default ``$LMIM_DATA_DIR`` or
+            ``~/.cache/lightning_mim/phantoms``); it is used when no source is given.
+        phantom_cases: number of phantom cases.
+        phantom_shape: phantom volume size in voxels.
+        phantom_seed: phantom cohort seed.
+        on_bad_case: ``error`` (default): a case failing the data checks stops the run before the
+            first step, with every bad case listed; ``skip``: train without them - they are listed in
+            ``skipped_cases``, the run's log and the W&B config (a labelled subset may then hold fewer
+            cases).
+        validation_limits: plausibility limits of the data checks (spacing range, maximum size,
+            minimum size relative to the ROI, label/image geometry tolerance); None = defaults.
+        cache_storage: how the cache stores intensities - ``float32`` (exact, 4 bytes/voxel),
+            ``float16`` or ``int16`` (2 bytes/voxel; precision in ``data_modules.cache.STORAGE_FORMATS``),
+            or one of them compressed losslessly with Blosc2 (``float32_blosc2``, ``float16_blosc2``,
+            ``int16_blosc2``: a patch decompresses only the 32³ blocks it covers). Part of the cache
+            key: entries of each format coexist. Label maps are always stored exactly.
     """
+
+    @classmethod
+    def argument_names(cls) -> set[str]:
+        """Every constructor argument a configuration may set: the subclass's own and, through its
+        ``**kwargs``, this base's."""
+        names = set()
+        for klass in (cls, VolumeDataModule):
+            for name, parameter in inspect.signature(klass.__init__).parameters.items():
+                if name != "self" and parameter.kind is not inspect.Parameter.VAR_KEYWORD:
+                    names.add(name)
+        return names
 
     def __init__(
         self,
         *,
-        folder: str | None,
-        csv: str | None,
-        datalist: str | None,
-        preprocessing: str | Preprocessing,
-        patch_size: int | tuple[int, int, int],
-        samples_per_volume: int,
-        queue_length: int,
-        batch_size: int,
-        num_workers: int,
-        preprocess_workers: int,
-        seed: int,
-        cache_dir: str | None,
-        in_channels: int,
-        phantom_root: str | None,
-        phantom_cases: int,
-        phantom_shape: tuple[int, int, int],
-        phantom_seed: int,
-        on_bad_case: OnBadCase,
-        validation_limits: ValidationLimits | None,
+        folder: str | None = None,
+        csv: str | None = None,
+        datalist: str | None = None,
+        preprocessing: str | Preprocessing = "ct_abdomen_btcv",
+        patch_size: int | tuple[int, int, int] = 96,
+        samples_per_volume: int = 4,
+        queue_length: int = 64,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        preprocess_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        in_channels: int = 1,
+        phantom_root: str | None = None,
+        phantom_cases: int = 12,
+        phantom_shape: tuple[int, int, int] = (160, 160, 64),
+        phantom_seed: int = 0,
+        on_bad_case: OnBadCase = "error",
+        validation_limits: ValidationLimits | None = None,
         cache_storage: CacheStorage = "float32",
     ) -> None:
         super().__init__()

@@ -36,6 +36,7 @@ axes are the cached arrays' voxel axes (i, j, k), i.e. R, A, S for RAS-oriented 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torchio as tio
@@ -44,16 +45,13 @@ from torch.utils.data import DataLoader, Dataset
 from .base import VolumeDataModule, source_argument
 from .cache import (
     CachedVolume,
-    CacheStorage,
     MemoryMappedUniformSampler,
     decode_voxels,
     read_cached_array,
     volume_subject,
 )
-from .presets import Preprocessing
 from .resumable import ResumableLoader
 from .sources import Case, cases_from_csv, cases_from_datalist, cases_from_folder, combine_cases, split_by_subject
-from .validation import OnBadCase, ValidationLimits
 from .views import PatchAugmentation, ViewSampler, as_triple, build_view_sampler
 
 
@@ -143,43 +141,16 @@ class PretrainDataModule(VolumeDataModule):
         datalist: MSD/MONAI ``dataset.json``; paths relative to it.
         datalist_key: section of ``datalist`` to use (``training``, ``validation``, ``test``).
             Sources can be combined; with none, the embedded phantom cohort is used (labels ignored).
-        preprocessing: preset name (see ``data_modules.presets.PRESETS``) or full settings. Its
-            ``pad_to`` is raised to at least ``patch_size`` so every patch fits.
         patch_size: size of the patch the queue cuts (the *context* patch when views are cropped).
         num_views: views per item; > 1 adds ``batch["views"]``.
         view_size: size of the views cropped inside the patch; None = the patch itself (1 view).
         samples_per_volume: patches per volume each time the queue loads it. Two independent crops of
             one volume as separate items (HybridMIM, Swin UNETR SSL) = this, not views.
-        queue_length: patches the queue buffers and shuffles; several times samples_per_volume mixes
-            subjects within each batch.
-        batch_size: items per batch (per rank).
-        num_workers: worker processes of the queue's subject loader. Default 0: with the memory-mapped
-            cache the workers would only pass tiny unloaded subjects (patches are cut in the main
-            process, as TorchIO's queue always does), while re-forking them every epoch and the
-            copy-on-write faults it causes cut throughput by half or more on a 2-core machine.
-        preprocess_workers: threads that check and preprocess a cold cache (0 or 1 = one at a time).
-        cache_storage: how the cache stores intensities - ``float32`` (exact, 4 bytes/voxel),
-            ``float16`` or ``int16`` (2 bytes/voxel; precision in ``data_modules.cache.STORAGE_FORMATS``),
-            or one of them compressed losslessly with Blosc2 (``float32_blosc2``, ``float16_blosc2``,
-            ``int16_blosc2``: a patch decompresses only the 32³ blocks it covers).
-            Part of the cache key: entries of each format coexist.
         val_fraction: share of subjects held out for validation (by subject, from ``seed``).
         val_samples_per_volume: fixed patches per validation subject.
-        seed: split, validation patches and the view/augmentation generator (offset per rank).
-        cache_dir: preprocessed-volume cache; default ``$LMIM_CACHE_DIR`` or
-            ``~/.cache/lightning_mim/preprocessed``.
-        in_channels: channels per image; 4D files are accepted only when this is > 1.
         augmentation: per-view flips / intensity jitter; None = none.
-        phantom_root: where the phantom cohort is generated (default ``$LMIM_DATA_DIR`` or
-            ``~/.cache/lightning_mim/phantoms``).
-        phantom_cases: number of phantom cases.
-        phantom_shape: phantom volume size in voxels.
-        phantom_seed: phantom cohort seed.
-        on_bad_case: ``error`` (default): a case failing the data checks stops the run before the
-            first step, with every bad case listed; ``skip``: train without them - they are
-            listed in ``skipped_cases``, the run's log and the W&B config.
-        validation_limits: plausibility limits of the data checks (spacing range, maximum size,
-            minimum size relative to the ROI, label/image geometry tolerance); None = defaults.
+        **kwargs: the shared arguments of :class:`~data_modules.base.VolumeDataModule` (preprocessing,
+            queue, workers, seed, cache, phantom cohort, data checks).
     """
 
     def __init__(
@@ -188,36 +159,17 @@ class PretrainDataModule(VolumeDataModule):
         csv: str | None = None,
         datalist: str | None = None,
         datalist_key: str = "training",
-        preprocessing: str | Preprocessing = "ct_abdomen_btcv",
         patch_size: int | tuple[int, int, int] = 96,
         num_views: int = 1,
         view_size: int | tuple[int, int, int] | None = None,
         samples_per_volume: int = 4,
-        queue_length: int = 64,
-        batch_size: int = 2,
-        num_workers: int = 0,
-        preprocess_workers: int = 0,
         val_fraction: float = 0.1,
         val_samples_per_volume: int = 1,
-        seed: int = 0,
-        cache_dir: str | None = None,
-        in_channels: int = 1,
         augmentation: PatchAugmentation | None = None,
-        phantom_root: str | None = None,
-        phantom_cases: int = 12,
-        phantom_shape: tuple[int, int, int] = (160, 160, 64),
-        phantom_seed: int = 0,
-        on_bad_case: OnBadCase = "error",
-        validation_limits: ValidationLimits | None = None,
-        cache_storage: CacheStorage = "float32",
+        **kwargs: Any,
     ):
-        super().__init__(
-            folder=folder, csv=csv, datalist=datalist, preprocessing=preprocessing, patch_size=patch_size,
-            samples_per_volume=samples_per_volume, queue_length=queue_length, batch_size=batch_size,
-            num_workers=num_workers, preprocess_workers=preprocess_workers, seed=seed, cache_dir=cache_dir,
-            in_channels=in_channels, phantom_root=phantom_root, phantom_cases=phantom_cases,
-            phantom_shape=phantom_shape, phantom_seed=phantom_seed, on_bad_case=on_bad_case,
-            validation_limits=validation_limits, cache_storage=cache_storage)
+        super().__init__(folder=folder, csv=csv, datalist=datalist, patch_size=patch_size,
+                         samples_per_volume=samples_per_volume, **kwargs)
         if val_samples_per_volume < 1:
             raise ValueError(f"val_samples_per_volume must be >= 1, got {val_samples_per_volume}")
         if not 0.0 <= val_fraction < 1.0:

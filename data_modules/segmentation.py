@@ -45,8 +45,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from .base import VolumeDataModule, source_argument
-from .cache import CachedVolume, CacheStorage, decode_voxels, read_cached_array, volume_subject
-from .presets import Preprocessing
+from .cache import CachedVolume, decode_voxels, read_cached_array, volume_subject
 from .resumable import ResumableLoader
 from .sources import (
     IMAGE_SUFFIXES,
@@ -60,7 +59,6 @@ from .sources import (
     split_by_subject,
     strip_image_suffix,
 )
-from .validation import OnBadCase, ValidationLimits
 
 FOREGROUND_MAP = "foreground"
 
@@ -237,28 +235,17 @@ class SegmentationDataModule(VolumeDataModule):
         csv: CSV with ``image`` and ``label`` columns (optional ``case_id``). Sources other than a
             datalist with a validation section are split with ``val_fraction``. With no source, the
             embedded phantom cohort (with its organ labels and names) is used.
-        preprocessing: preset name or full settings — use the pre-training run's.
         patch_size: training patch size (= the model's ROI).
-        samples_per_volume: patches per volume load (MONAI recipe: 4).
         queue_length: patches held by the queue.
-        batch_size: patches per training batch (per rank).
-        num_workers: queue workers (and preprocessing threads when the cache is cold).
+        num_workers: queue workers, and preprocessing threads when the cache is cold.
         pos_neg_ratio: foreground : background patch centres (MONAI ``pos/neg``; 1 → half each).
         label_fraction: share of the training cases whose labels are used.
         num_labelled: number of labelled training cases (overrides ``label_fraction``).
         val_fraction: held-out share when the source has no validation section.
-        seed: validation split and labelled subset (same seed → same cases), patch augmentation.
         class_names: names of classes 1..K (background excluded); default: the datalist's ``labels``.
         augmentation: per-patch augmentation; None = none.
-        cache_dir: preprocessed-volume cache (default ``$LMIM_CACHE_DIR``).
-        in_channels: image channels.
-        phantom_root, phantom_cases, phantom_shape, phantom_seed: the embedded cohort.
-        on_bad_case: ``error`` (default) stops before the first step when a case fails the data
-            checks, listing every bad case; ``skip`` drops bad cases from every split and lists
-            them in ``skipped_cases`` (a labelled subset may then hold fewer cases).
-        validation_limits: plausibility limits of the data checks; None = defaults.
-        cache_storage: how the cache stores intensities (as for pre-training,
-            :class:`~data_modules.PretrainDataModule`); label maps are always stored exactly.
+        **kwargs: the shared arguments of :class:`~data_modules.base.VolumeDataModule` (preprocessing,
+            queue, seed, cache, phantom cohort, data checks); use the pre-training run's preprocessing.
     """
 
     def __init__(
@@ -271,36 +258,19 @@ class SegmentationDataModule(VolumeDataModule):
         predict_images: str | list[str] | None = None,
         folder: str | None = None,
         csv: str | None = None,
-        preprocessing: str | Preprocessing = "ct_abdomen_btcv",
         patch_size: int | tuple[int, int, int] = 96,
-        samples_per_volume: int = 4,
         queue_length: int = 32,
-        batch_size: int = 2,
         num_workers: int = 2,
         pos_neg_ratio: float = 1.0,
         label_fraction: float = 1.0,
         num_labelled: int | None = None,
         val_fraction: float = 0.2,
-        seed: int = 0,
         class_names: list[str] | None = None,
         augmentation: SegmentationAugmentation | None = SegmentationAugmentation(),
-        cache_dir: str | None = None,
-        in_channels: int = 1,
-        phantom_root: str | None = None,
-        phantom_cases: int = 12,
-        phantom_shape: tuple[int, int, int] = (160, 160, 64),
-        phantom_seed: int = 0,
-        on_bad_case: OnBadCase = "error",
-        validation_limits: ValidationLimits | None = None,
-        cache_storage: CacheStorage = "float32",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            folder=folder, csv=csv, datalist=datalist, preprocessing=preprocessing, patch_size=patch_size,
-            samples_per_volume=samples_per_volume, queue_length=queue_length, batch_size=batch_size,
-            num_workers=num_workers, preprocess_workers=num_workers, seed=seed, cache_dir=cache_dir,
-            in_channels=in_channels, phantom_root=phantom_root, phantom_cases=phantom_cases,
-            phantom_shape=phantom_shape, phantom_seed=phantom_seed, on_bad_case=on_bad_case,
-            validation_limits=validation_limits, cache_storage=cache_storage)
+        super().__init__(folder=folder, csv=csv, datalist=datalist, patch_size=patch_size, queue_length=queue_length,
+                         num_workers=num_workers, preprocess_workers=num_workers, **kwargs)
         if sum(bool(s) for s in (datalist, folder, csv)) > 1:
             raise ValueError("give one labelled source: datalist, folder or csv")
         if pos_neg_ratio < 0:

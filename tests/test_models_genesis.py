@@ -81,7 +81,7 @@ def test_loss_is_mse_of_the_sigmoid_restoration_and_gradients_flow():
     images = torch.rand(2, 1, 32, 32, 16)
     model.capture_visuals = True
     out = model.shared_step({"image": images})
-    x, y, _ = genesis_corrupt(images, model.corruption, model.generator())
+    x, y, _ = genesis_corrupt(images, model.corruption, model.step_generator(model.hparams.seed))
     torch.testing.assert_close(out.losses["loss"], torch.nn.functional.mse_loss(model.restore(x), y))
     assert list(out.visuals) == ["target", "corrupted", "restored", "heat/error"]
     out.losses["loss"].backward()

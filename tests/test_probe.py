@@ -142,6 +142,7 @@ def test_bad_settings_are_refused_with_the_argument_named():
         SegmentationProbe(data={"datalst": "x.json"})
     with pytest.raises(ValueError, match="patch_size is set by the probe"):
         SegmentationProbe(data={"patch_size": 32})
+    SegmentationProbe(data={"datalist": "x.json", "cache_storage": "int16"})  # own and shared data arguments
 
 
 # --------------------------------------------------------------------------- isolation

@@ -62,7 +62,7 @@ def test_losses_match_a_manual_composition_and_gradients_flow():
     images = torch.rand(2, 1, 64, 64, 64)
     model.capture_visuals = True
     out = model.shared_step({"image": images})
-    inputs, targets, labels, _ = model.corrupt(images, model.generator())
+    inputs, targets, labels, _ = model.corrupt(images, model.step_generator(model.hparams.seed))
     rot, emb, rec = model.heads(inputs)
     torch.testing.assert_close(out.losses["rotation"], F.cross_entropy(rot, labels))
     torch.testing.assert_close(out.losses["contrast"], nt_xent(emb[:2], emb[2:], 0.5))

@@ -46,7 +46,7 @@ def test_loss_is_dice_ce_on_the_fused_volume_and_gradients_flow():
     images = torch.rand(3, 1, 32, 32, 16)
     model.capture_visuals = True
     out = model.shared_step({"image": images})
-    fg, bg, labels = model.pair_and_labels({"image": images}, model.generator())
+    fg, bg, labels = model.pair_and_labels({"image": images}, model.step_generator(model.hparams.seed))
     assert torch.equal(fg, images.roll(1, 0)) and torch.equal(bg, images)
     logits = model.network(fuse(fg, bg, labels, 5))
     expected = DiceCELoss(to_onehot_y=True, softmax=True, smooth_nr=1e-5, smooth_dr=1e-5)(logits, labels.unsqueeze(1))
@@ -61,7 +61,7 @@ def test_batch_of_one_and_missing_views_fail_clearly():
         VolumeFusion(**TINY).shared_step({"image": torch.rand(1, 1, 32, 32, 16)})
     model = VolumeFusion(**TINY).eval()
     image = torch.rand(1, 1, 32, 32, 16)
-    fg, _, _ = model.pair_and_labels({"image": image}, model.generator())
+    fg, _, _ = model.pair_and_labels({"image": image}, model.step_generator(model.hparams.seed))
     assert torch.equal(fg, image.flip((2, 3, 4)))
     with pytest.raises(ValueError, match="num_views: 2"):
         VolumeFusion(**TINY, mode="grid_same_volume").shared_step({"image": torch.rand(2, 1, 32, 32, 16)})

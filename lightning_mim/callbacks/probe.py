@@ -33,7 +33,6 @@ size is the method's input size. The fit cases are the data module's labelled tr
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from typing import Any
@@ -48,12 +47,6 @@ from torch import Tensor, nn
 #: Settings of the pre-training data module the probe's labelled data inherits unless ``data`` sets them.
 INHERITED_DATA_SETTINGS = ("preprocessing", "cache_dir", "in_channels", "phantom_root", "phantom_cases", "phantom_shape",
                            "phantom_seed")
-
-
-def _segmentation_data_arguments() -> set[str]:
-    from data_modules.segmentation import SegmentationDataModule
-
-    return {name for name in inspect.signature(SegmentationDataModule.__init__).parameters if name != "self"}
 
 
 # --------------------------------------------------------------------------- crops
@@ -196,7 +189,9 @@ class SegmentationProbe(L.Callback):
                 raise ValueError(f"SegmentationProbe: {name} must be >= 1, got {value}")
         if head_hidden < 0 or head_lr <= 0 or max_cost_fraction <= 0:
             raise ValueError("SegmentationProbe: head_hidden must be >= 0, head_lr and max_cost_fraction > 0")
-        unknown = sorted(set(data or {}) - _segmentation_data_arguments())
+        from data_modules.segmentation import SegmentationDataModule
+
+        unknown = sorted(set(data or {}) - SegmentationDataModule.argument_names())
         if unknown:
             raise ValueError(f"SegmentationProbe: data has unknown keys {unknown}; use arguments of "
                              f"data_modules.segmentation.SegmentationDataModule (datalist, folder, csv, ...)")

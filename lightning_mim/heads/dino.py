@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from lightning_mim.heads.projector import linear_stack
+
 
 class DINOHead(nn.Module):
     """MLP (Linear-GELU-...-Linear → bottleneck), L2 normalisation, weight-normalised last layer.
@@ -37,15 +39,7 @@ class DINOHead(nn.Module):
         norm_last_layer: bool = True,
     ) -> None:
         super().__init__()
-        if nlayers < 1:
-            raise ValueError(f"nlayers must be at least 1, got {nlayers}")
-        widths = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
-        layers: list[nn.Module] = []
-        for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:])):
-            layers.append(nn.Linear(w_in, w_out))
-            if i < nlayers - 1:
-                layers.append(nn.GELU())
-        self.mlp = nn.Sequential(*layers)
+        self.mlp = linear_stack(in_dim, hidden_dim, bottleneck_dim, nlayers, lambda width: [nn.GELU()])
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -24,6 +24,24 @@ def _norm(kind: ProjectorNorm, width: int) -> nn.Module:
     raise ValueError(f"projector norm must be 'batch', 'sample' or 'none', got {kind!r}")
 
 
+def linear_stack(in_dim: int, hidden_dim: int, out_dim: int, layers: int,
+                 between: Callable[[int], list[nn.Module]]) -> nn.Sequential:
+    """``layers`` Linear layers ``in_dim → hidden_dim … → out_dim``, with ``between(width)`` after each hidden one.
+
+    The MLP of the projection heads (SimCLR / VoCo projectors, the DINO / iBOT head); the Sequential's
+    indices are the heads' state-dict keys.
+    """
+    if layers < 1:
+        raise ValueError(f"an MLP head needs at least one Linear layer, got layers={layers}")
+    widths = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
+    modules: list[nn.Module] = []
+    for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:])):
+        modules.append(nn.Linear(w_in, w_out))
+        if i < layers - 1:
+            modules += between(w_out)
+    return nn.Sequential(*modules)
+
+
 class MLPProjector(nn.Module):
     """``{Linear → norm → ReLU} × (layers − 1) → Linear`` (SimCLR / VoCo projection head).
 
@@ -38,15 +56,8 @@ class MLPProjector(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 2048, layers: int = 3,
                  norm: ProjectorNorm = "batch") -> None:
         super().__init__()
-        if layers < 1:
-            raise ValueError(f"a projector needs at least one layer, got {layers}")
-        widths = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
-        modules: list[nn.Module] = []
-        for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:])):
-            modules.append(nn.Linear(w_in, w_out))
-            if i < layers - 1:
-                modules += [_norm(norm, w_out), nn.ReLU(inplace=True)]
-        self.net = nn.Sequential(*modules)
+        self.net = linear_stack(in_dim, hidden_dim, out_dim, layers,
+                                lambda width: [_norm(norm, width), nn.ReLU(inplace=True)])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
+import torch
 from torch import Tensor, nn
 
 from lightning_mim.optimisation import adamw_warmup_cosine, parameter_groups, trainer_run_length
@@ -106,6 +107,16 @@ class MIMModule(L.LightningModule):
     def input_size(self) -> tuple[int, int, int] | None:
         """Spatial size the networks were built for; checked against the data before training."""
         return None
+
+    def step_generator(self, seed: int) -> torch.Generator:
+        """Randomness of this step's corruption or views: a function of (seed, global step, rank, stage) only.
+
+        A resumed or re-run step draws what the original drew, whatever ran before it in the process;
+        ranks and the validation stage draw their own streams.
+        """
+        rank = self.global_rank if self._trainer is not None else 0
+        stage = 0 if self.training else 1
+        return torch.Generator().manual_seed(seed * 1_000_003 + self.global_step * 7919 + rank * 104_729 + stage)
 
     # ------------------------------------------------------------------ steps
     def _run(self, batch: dict[str, Any], stage: str) -> StepOutput:

@@ -142,11 +142,6 @@ class DINOv2(TeacherStudentModule):
     def input_size(self) -> tuple[int, int, int]:
         return self.encoder.img_size
 
-    def generator(self) -> torch.Generator:
-        rank = self.global_rank if self._trainer is not None else 0
-        stage = 0 if self.training else 1
-        return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 7919 + rank * 104_729 + stage)
-
     def teacher_temp(self) -> float:
         hp = self.hparams
         return teacher_temperature(self.current_epoch, hp.teacher_temp_warmup_epochs, hp.teacher_temp_start,
@@ -172,7 +167,7 @@ class DINOv2(TeacherStudentModule):
         hp = self.hparams
         images = batch["image"]
         b = images.shape[0]
-        global_views, local_views, masks = self.views(images.detach(), self.generator())
+        global_views, local_views, masks = self.views(images.detach(), self.step_generator(self.hparams.seed))
         temperature = self.teacher_temp()
         with torch.no_grad():
             _, teacher_cls, teacher_patch = self.teacher(global_views)

@@ -85,12 +85,6 @@ class ModelsGenesis(MIMModule):
     def input_size(self) -> tuple[int, int, int]:
         return self.img_size
 
-    def generator(self) -> torch.Generator:
-        """Corruption randomness: a function of (seed, global step, rank, stage) only."""
-        rank = self.global_rank if self._trainer is not None else 0
-        stage = 0 if self.training else 1
-        return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 7919 + rank * 104_729 + stage)
-
     def restore(self, corrupted: Tensor) -> Tensor:
         return torch.sigmoid(self.network(corrupted).float())
 
@@ -103,7 +97,7 @@ class ModelsGenesis(MIMModule):
                 f"Models Genesis corrupts [0, 1] intensities but the batch spans [{float(images.min()):.3g}, "
                 f"{float(images.max()):.3g}]; use a [0, 1] preprocessing preset or --model.intensity_mapping percentile"
             )
-        corrupted, target, record = genesis_corrupt(images.detach(), self.corruption, self.generator())
+        corrupted, target, record = genesis_corrupt(images.detach(), self.corruption, self.step_generator(self.hparams.seed))
         restored = self.restore(corrupted)
         loss = F.mse_loss(restored, target)
         scalars = {f"fraction_{name}": sum(r[name] for r in record) / len(record)

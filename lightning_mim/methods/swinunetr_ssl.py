@@ -108,11 +108,6 @@ class SwinUNETRSSL(MIMModule):
     def input_size(self) -> tuple[int, int, int]:
         return self.encoder.img_size
 
-    def generator(self) -> torch.Generator:
-        rank = self.global_rank if self._trainer is not None else 0
-        stage = 0 if self.training else 1
-        return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 7919 + rank * 104_729 + stage)
-
     def heads(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(rotation logits, contrastive embedding, reconstruction) of a batch of corrupted crops."""
         bottleneck = self.encoder(images)[-1]
@@ -139,7 +134,7 @@ class SwinUNETRSSL(MIMModule):
         hp = self.hparams
         images = batch["image"]
         b = images.shape[0]
-        inputs, targets, labels, changed = self.corrupt(images.detach(), self.generator())
+        inputs, targets, labels, changed = self.corrupt(images.detach(), self.step_generator(self.hparams.seed))
         rotation_logits, embedding, reconstruction = self.heads(inputs)
         rotation = F.cross_entropy(rotation_logits.float(), labels)
         contrast = nt_xent(embedding[:b], embedding[b:], hp.temperature, hp.gather_negatives)

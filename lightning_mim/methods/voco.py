@@ -177,11 +177,6 @@ class VoCo(TeacherStudentModule):
     def num_bases(self) -> int:
         return self.grid[0] * self.grid[1] * self.grid[2]
 
-    def generator(self) -> torch.Generator:
-        rank = self.global_rank if self._trainer is not None else 0
-        stage = 0 if self.training else 1
-        return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 7919 + rank * 104_729 + stage)
-
     # ------------------------------------------------------------------ crops
     def sample_crops(self, regions: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """``(crops B·(R+K), random-crop starts B, R, 3, overlap targets B, R, K)``; per volume R random then K bases."""
@@ -216,7 +211,7 @@ class VoCo(TeacherStudentModule):
         hp = self.hparams
         regions = batch["image"]
         b, r, k = regions.shape[0], hp.num_random_crops, self.num_bases
-        crops, starts, targets = self.sample_crops(regions.detach(), self.generator())
+        crops, starts, targets = self.sample_crops(regions.detach(), self.step_generator(self.hparams.seed))
         features = self.backbone(crops)
         student = self.projector(self.drop_features(features)).view(b, r + k, -1)
         teacher = None

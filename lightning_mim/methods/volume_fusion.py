@@ -79,11 +79,6 @@ class VolumeFusion(MIMModule):
     def input_size(self) -> tuple[int, int, int]:
         return self.img_size
 
-    def generator(self) -> torch.Generator:
-        rank = self.global_rank if self._trainer is not None else 0
-        stage = 0 if self.training else 1
-        return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 7919 + rank * 104_729 + stage)
-
     def pair_and_labels(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """``(foreground, background, labels)`` for the configured mode."""
         hp = self.hparams
@@ -110,7 +105,7 @@ class VolumeFusion(MIMModule):
         return foreground, background, labels.to(background.device)
 
     def shared_step(self, batch: dict[str, Any]) -> StepOutput:
-        foreground, background, labels = self.pair_and_labels(batch, self.generator())
+        foreground, background, labels = self.pair_and_labels(batch, self.step_generator(self.hparams.seed))
         fused = fuse(foreground, background, labels, self.hparams.num_classes)
         logits = self.network(fused)
         loss = self.criterion(logits.float(), labels.unsqueeze(1))

@@ -115,6 +115,28 @@ def test_shared_arguments_are_checked_alike_by_both_modules(bad, says):
     assert messages[0] == messages[1] and messages[0].startswith(says) and "\n" not in messages[0]
 
 
+SHARED = {"preprocessing", "batch_size", "seed", "cache_dir", "in_channels", "phantom_root", "phantom_cases",
+          "phantom_shape", "phantom_seed", "on_bad_case", "validation_limits", "cache_storage", "samples_per_volume"}
+
+
+@pytest.mark.parametrize("kind", sorted(MODULES))
+def test_the_shared_arguments_reach_the_command_line_and_the_module(kind):
+    """The subclasses pass the shared arguments on through ``**kwargs``: LightningCLI must still offer
+    them (with the base's defaults, the subclass's where it sets its own), and a value must arrive."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(MODULES[kind], "data")
+    defaults = vars(parser.get_defaults().data)
+    assert SHARED <= set(defaults) and SHARED <= MODULES[kind].argument_names()
+    assert defaults["num_workers"] == {"pretrain": 0, "segmentation": 2}[kind]
+    assert defaults["queue_length"] == {"pretrain": 64, "segmentation": 32}[kind]
+    # segmentation preprocesses with its queue workers; pre-training has a setting of its own
+    assert ("preprocess_workers" in defaults) == (kind == "pretrain")
+    module = MODULES[kind](phantom_cases=5, cache_storage="int16", seed=3)
+    assert (module.phantom_cases, module.cache_storage, module.seed) == (5, "int16", 3)
+
+
 def test_segmentation_queue_workers_give_the_in_process_batches_and_are_kept(make_module):
     """num_workers > 0 (the segmentation default): the subject-loading worker started in epoch 0
     serves epoch 1 too, and both epochs' batches (images, labels, augmentation) equal those of a
