@@ -7,6 +7,7 @@ import torch
 from monai.networks.nets import SwinUNETR
 
 import data_modules  # noqa: F401  (import before the CLI changes directory)
+from lightning_mim.backbones.compositions import residual_block
 from lightning_mim.losses.voco import (
     base_crop_starts,
     online_assign,
@@ -14,7 +15,7 @@ from lightning_mim.losses.voco import (
     overlap_labels,
     position_loss,
 )
-from lightning_mim.methods.voco import VoCo, residual_block
+from lightning_mim.methods.voco import VoCo
 from tests.new_methods import assert_fit_outputs, bf16_step, cli_fit
 
 TINY = dict(crop_size=64, grid=(2, 1, 1), num_random_crops=1, feature_size=6, depths=[1, 1, 1, 1], window_size=4,

@@ -9,6 +9,10 @@ DeepUNet) has one code path for all of them.
 * :class:`SMITNetwork` — masked Swin encoder → LayerNorm'ed tap → DINO heads (SMIT's student/teacher).
 * :class:`SwinUNETRNetwork` — masked Swin encoder → Swin UNETR's residual decoder (HybridMIM, Swin).
 * :class:`~lightning_mim.backbones.unet.UNet3D` — the DeepUNet (HybridMIM, UNet; Models Genesis, Volume Fusion).
+
+Two more are built for one method each and are not masked networks: :class:`DINOv2Network` (ViT →
+DINO and iBOT heads) and :class:`VoCoBackbone` (Swin encoder → Swin UNETR's encoder blocks → one pooled
+vector).
 """
 
 from __future__ import annotations
@@ -16,13 +20,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+import torch.nn.functional as F
+from monai.networks.blocks import UnetrBasicBlock
 from torch import Tensor, nn
 
+from lightning_mim.backbones.masked_vit import MaskedViT3D
 from lightning_mim.backbones.sparse import NormStatistics, SparseEncoder
 from lightning_mim.backbones.swin import MaskedSwinEncoder
+from lightning_mim.backbones.vit import unetr_encoder_export
 from lightning_mim.heads.dino import DINOHead
 from lightning_mim.heads.light_decoder import DecoderNorm, Densify, LightDecoder
 from lightning_mim.heads.partial_decoder import SubBox, SwinUNETRDecoder
+from lightning_mim.heads.projector import pooled_pyramid
 
 
 class NetworkExport(NamedTuple):
@@ -190,3 +199,68 @@ class SwinUNETRNetwork(nn.Module):
         decoder = {k: v.detach().clone() for k, v in self.decoder.state_dict().items() if not k.startswith("out.")}
         kwargs = {**self.encoder.swin_unetr_kwargs(), "norm_name": "instance", "normalize": True}
         return NetworkExport("swin_unetr", {**self.encoder.swin_unetr_state_dict(), **decoder}, kwargs)
+
+
+class DINOv2Network(nn.Module):
+    """ViT backbone + separate DINO ([CLS]) and iBOT (patch) heads: the student and, deep-copied, the teacher."""
+
+    def __init__(self, backbone: MaskedViT3D, out_dim: int, hidden_dim: int, bottleneck_dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dino_head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim)
+        self.ibot_head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim)
+
+    def forward(self, images: Tensor, token_mask: Tensor | None = None, patches: bool = True):
+        """(backbone [CLS], DINO logits, iBOT logits of every patch token or None)."""
+        tokens = self.backbone(images, token_mask)
+        cls = tokens[:, 0]
+        return cls, self.dino_head(cls), self.ibot_head(tokens[:, 1:]) if patches else None
+
+    def export(self) -> NetworkExport:
+        """The ViT for MONAI ``UNETR`` (``vit.*``); raises when UNETR cannot hold it (12 blocks, 16³ patches)."""
+        return NetworkExport("unetr", *unetr_encoder_export(self.backbone))
+
+
+#: MONAI ``SwinUNETR`` block name → (Swin feature map index or ``None`` for the raw input, width multiple of F).
+PYRAMID = {"encoder1": (None, 1), "encoder2": (0, 1), "encoder3": (1, 2), "encoder4": (2, 4), "encoder10": (4, 16)}
+
+
+class VoCoBackbone(nn.Module):
+    """Swin encoder + the residual ``UnetrBasicBlock``s of MONAI ``SwinUNETR`` (same names) whose
+    global-average pools, concatenated, give the ``24F`` feature (VoCo ``voco_head.Swin``)."""
+
+    def __init__(self, swin: MaskedSwinEncoder, in_channels: int) -> None:
+        super().__init__()
+        self.swinViT = swin
+        f = swin.feature_size
+        for name, (index, multiple) in PYRAMID.items():
+            width_in = in_channels if index is None else f * multiple
+            self.add_module(name, UnetrBasicBlock(3, width_in, f * multiple, kernel_size=3, stride=1,
+                                                  norm_name="instance", res_block=True))
+        self.feature_dim = 24 * f
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.swinViT(x)  # normalised maps, as SwinUNETR feeds its decoder
+        maps = [residual_block(getattr(self, name), x if index is None else hidden[index])
+                for name, (index, _) in PYRAMID.items()]
+        return pooled_pyramid(maps)
+
+    def export(self) -> NetworkExport:
+        """``swinViT.*`` plus the pre-trained ``encoder1..4``/``encoder10`` blocks, under MONAI ``SwinUNETR`` names."""
+        state = self.swinViT.swin_unetr_state_dict()
+        for name in PYRAMID:
+            state.update({f"{name}.{k}": v.detach().clone() for k, v in getattr(self, name).state_dict().items()})
+        kwargs = {**self.swinViT.swin_unetr_kwargs(), "norm_name": "instance", "normalize": True}
+        return NetworkExport("swin_unetr", state, kwargs)
+
+
+def residual_block(block: UnetrBasicBlock, x: Tensor) -> Tensor:
+    """``block(x)``, also on a one-voxel map (the stride-32 bottleneck of a 32³ crop), where torch refuses instance
+    norm: the norm of one value is exactly 0, so the residual block reduces to LeakyReLU of its shortcut (the
+    input, or 0 where the shortcut is itself a normalised conv) and its weights get no gradient."""
+    if x.shape[2:].numel() > 1:
+        return block(x)
+    layer = block.layer
+    if layer.downsample:
+        return x.new_zeros(x.shape[0], layer.conv1.conv.out_channels, *x.shape[2:])
+    return F.leaky_relu(x, layer.lrelu.negative_slope)

@@ -3,7 +3,8 @@
 Each function takes ``B, C, D, H, W`` images and a ``torch.Generator`` and returns a new tensor; the
 per-sample decisions (which transform, which boxes) are drawn from the generator, so a seeded
 generator reproduces a corruption. :func:`genesis_corrupt` composes them in the official order
-(flip of input and target, local shuffle, Bézier intensity, in-/out-painting).
+(flip of input and target, local shuffle, Bézier intensity, in-/out-painting). Inputs outside [0, 1]
+(z-scored data) are first mapped there with :func:`to_unit_range`.
 """
 
 from __future__ import annotations
@@ -215,3 +216,15 @@ def genesis_corrupt(images: Tensor, config: GenesisConfig, generator: torch.Gene
         targets.append(y)
         record.append(applied)
     return torch.stack(inputs), torch.stack(targets), record
+
+
+#: Tolerance on the [0, 1] check of ``intensity_mapping: unit`` (interpolation / augmentation round-off).
+UNIT_TOLERANCE = 1e-3
+
+
+def to_unit_range(images: Tensor, low_q: float = 0.005, high_q: float = 0.995) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample percentile map to [0, 1] (clipped) and its ``(low, high)`` for mapping back (z-scored data)."""
+    flat = images.float().flatten(1)
+    low = torch.quantile(flat, low_q, dim=1).view(-1, 1, 1, 1, 1)
+    high = torch.quantile(flat, high_q, dim=1).view(-1, 1, 1, 1, 1)
+    return ((images - low) / (high - low).clamp_min(1e-6)).clamp(0, 1), low, high

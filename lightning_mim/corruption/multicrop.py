@@ -1,4 +1,5 @@
-"""DINO multi-crop views made inside the step: random-resized 3-D crops of each patch, flips and intensity jitter."""
+"""Views made inside the step: DINO multi-crop (random-resized 3-D crops of each patch, flips, intensity jitter)
+and VoCo's per-crop augmentation."""
 
 from __future__ import annotations
 
@@ -38,3 +39,18 @@ def random_resized_crops(images: Tensor, count: int, size: int, volume_scale: tu
             views.append(crop.to(images.dtype))
     return torch.stack(views)
 
+
+def augment_crops(crops: Tensor, generator: torch.Generator, flip_prob: float, rotate_prob: float,
+                  shift_prob: float, shift: float) -> Tensor:
+    """Independent per-crop flips (each axis), in-plane rot90 (k ∈ {1, 2, 3}) and intensity shift (VoCo)."""
+    out = []
+    for crop in crops:
+        flips = [axis for axis in (1, 2, 3) if float(torch.rand((), generator=generator)) < flip_prob]
+        if flips:
+            crop = torch.flip(crop, flips)
+        if float(torch.rand((), generator=generator)) < rotate_prob:
+            crop = torch.rot90(crop, int(torch.randint(1, 4, (1,), generator=generator)), (1, 2))
+        if float(torch.rand((), generator=generator)) < shift_prob:
+            crop = crop + shift * (2 * float(torch.rand((), generator=generator)) - 1)
+        out.append(crop)
+    return torch.stack(out)

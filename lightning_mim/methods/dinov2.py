@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from lightning_mim.backbones.compositions import DINOv2Network
 from lightning_mim.backbones.masked_vit import MaskedViT3D
-from lightning_mim.backbones.vit import unetr_encoder_export
 from lightning_mim.corruption.multicrop import random_resized_crops
-from lightning_mim.heads.dino import DINOHead, drop_last_layer_gradients
+from lightning_mim.heads.dino import drop_last_layer_gradients
 from lightning_mim.losses.dinov2 import (
     all_reduced_mean_rows,
     gather_rows,
@@ -26,22 +26,6 @@ from lightning_mim.methods.teacher_student import TeacherStudentModule, cosine_m
 from lightning_mim.schedules import teacher_temperature
 
 Centering = Literal["centering", "sinkhorn_knopp"]
-
-
-class DINOv2Network(nn.Module):
-    """ViT backbone + separate DINO ([CLS]) and iBOT (patch) heads: the student and, deep-copied, the teacher."""
-
-    def __init__(self, backbone: MaskedViT3D, out_dim: int, hidden_dim: int, bottleneck_dim: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.dino_head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim)
-        self.ibot_head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim)
-
-    def forward(self, images: Tensor, token_mask: Tensor | None = None, patches: bool = True):
-        """(backbone [CLS], DINO logits, iBOT logits of every patch token or None)."""
-        tokens = self.backbone(images, token_mask)
-        cls = tokens[:, 0]
-        return cls, self.dino_head(cls), self.ibot_head(tokens[:, 1:]) if patches else None
 
 
 class DINOv2(TeacherStudentModule):
@@ -232,7 +216,6 @@ class DINOv2(TeacherStudentModule):
 
     def export_encoder(self) -> ExportedEncoder:
         """The student ViT for MONAI ``UNETR`` (``vit.*``); raises when UNETR cannot hold it (12 blocks, 16³ patches)."""
-        state_dict, network_kwargs = unetr_encoder_export(self.encoder)
-        return ExportedEncoder("unetr", state_dict, network_kwargs,
-                             {"method": "dinov2_3d", "patch_size": self.encoder.patch_size,
-                              "roi_size": list(self.encoder.img_size), "source": "student"})
+        return ExportedEncoder(*self.student.export(),
+                               {"method": "dinov2_3d", "patch_size": self.encoder.patch_size,
+                                "roi_size": list(self.encoder.img_size), "source": "student"})

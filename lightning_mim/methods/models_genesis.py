@@ -10,22 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_mim.backbones.unet import UNet3D
-from lightning_mim.corruption.genesis import GenesisConfig, genesis_corrupt
+from lightning_mim.corruption.genesis import UNIT_TOLERANCE, GenesisConfig, genesis_corrupt, to_unit_range
 from lightning_mim.methods.base import ExportedEncoder, MIMModule, StepOutput
 
 IntensityMapping = Literal["unit", "percentile"]
-#: Tolerance on the [0, 1] check of ``intensity_mapping: unit`` (interpolation / augmentation round-off).
-UNIT_TOLERANCE = 1e-3
-
-
-def to_unit_range(images: Tensor, low_q: float = 0.005, high_q: float = 0.995) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sample percentile map to [0, 1] (clipped) and its ``(low, high)`` for mapping back (z-scored data)."""
-    flat = images.float().flatten(1)
-    low = torch.quantile(flat, low_q, dim=1).view(-1, 1, 1, 1, 1)
-    high = torch.quantile(flat, high_q, dim=1).view(-1, 1, 1, 1, 1)
-    return ((images - low) / (high - low).clamp_min(1e-6)).clamp(0, 1), low, high
-
-
 class ModelsGenesis(MIMModule):
     """A 3D U-Net restores the original sub-volume from a composition of corruptions; encoder + decoder transfer.
 

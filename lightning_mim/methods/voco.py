@@ -6,12 +6,12 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-from monai.networks.blocks import UnetrBasicBlock
 from torch import Tensor, nn
 
+from lightning_mim.backbones.compositions import VoCoBackbone
 from lightning_mim.backbones.swin import MaskedSwinEncoder
-from lightning_mim.heads.projector import MLPProjector, pooled_pyramid
+from lightning_mim.corruption.multicrop import augment_crops
+from lightning_mim.heads.projector import MLPProjector
 from lightning_mim.losses.voco import (
     NegativeForm,
     base_crop_starts,
@@ -25,59 +25,6 @@ from lightning_mim.methods.teacher_student import TeacherStudentModule, constant
 from lightning_mim.teachers import EMATeacher
 
 TeacherKind = Literal["none", "projector", "full"]
-#: MONAI ``SwinUNETR`` block name → (Swin feature map index or ``None`` for the raw input, width multiple of F).
-PYRAMID = {"encoder1": (None, 1), "encoder2": (0, 1), "encoder3": (1, 2), "encoder4": (2, 4), "encoder10": (4, 16)}
-
-
-class VoCoBackbone(nn.Module):
-    """Swin encoder + the residual ``UnetrBasicBlock``s of MONAI ``SwinUNETR`` (same names) whose
-    global-average pools, concatenated, give the ``24F`` feature (VoCo ``voco_head.Swin``)."""
-
-    def __init__(self, swin: MaskedSwinEncoder, in_channels: int) -> None:
-        super().__init__()
-        self.swinViT = swin
-        f = swin.feature_size
-        for name, (index, multiple) in PYRAMID.items():
-            width_in = in_channels if index is None else f * multiple
-            self.add_module(name, UnetrBasicBlock(3, width_in, f * multiple, kernel_size=3, stride=1,
-                                                  norm_name="instance", res_block=True))
-        self.feature_dim = 24 * f
-
-    def forward(self, x: Tensor) -> Tensor:
-        hidden = self.swinViT(x)  # normalised maps, as SwinUNETR feeds its decoder
-        maps = [residual_block(getattr(self, name), x if index is None else hidden[index])
-                for name, (index, _) in PYRAMID.items()]
-        return pooled_pyramid(maps)
-
-
-def residual_block(block: UnetrBasicBlock, x: Tensor) -> Tensor:
-    """``block(x)``, also on a one-voxel map (the stride-32 bottleneck of a 32³ crop), where torch refuses instance
-    norm: the norm of one value is exactly 0, so the residual block reduces to LeakyReLU of its shortcut (the
-    input, or 0 where the shortcut is itself a normalised conv) and its weights get no gradient."""
-    if x.shape[2:].numel() > 1:
-        return block(x)
-    layer = block.layer
-    if layer.downsample:
-        return x.new_zeros(x.shape[0], layer.conv1.conv.out_channels, *x.shape[2:])
-    return F.leaky_relu(x, layer.lrelu.negative_slope)
-
-
-def augment_crops(crops: Tensor, generator: torch.Generator, flip_prob: float, rotate_prob: float,
-                  shift_prob: float, shift: float) -> Tensor:
-    """Independent per-crop flips (each axis), in-plane rot90 (k ∈ {1, 2, 3}) and intensity shift (VoCo)."""
-    out = []
-    for crop in crops:
-        flips = [axis for axis in (1, 2, 3) if float(torch.rand((), generator=generator)) < flip_prob]
-        if flips:
-            crop = torch.flip(crop, flips)
-        if float(torch.rand((), generator=generator)) < rotate_prob:
-            crop = torch.rot90(crop, int(torch.randint(1, 4, (1,), generator=generator)), (1, 2))
-        if float(torch.rand((), generator=generator)) < shift_prob:
-            crop = crop + shift * (2 * float(torch.rand((), generator=generator)) - 1)
-        out.append(crop)
-    return torch.stack(out)
-
-
 class VoCo(TeacherStudentModule):
     """Random crops regress their overlap with a grid of base crops from pooled-feature similarities.
 
@@ -274,11 +221,6 @@ class VoCo(TeacherStudentModule):
                 "best_base_crop": crops[r + best : r + best + 1]}
 
     def export_encoder(self) -> ExportedEncoder:
-        """``swinViT.*`` plus the pre-trained ``encoder1..4``/``encoder10`` blocks, under MONAI ``SwinUNETR`` names."""
-        swin = self.backbone.swinViT
-        state = swin.swin_unetr_state_dict()
-        for name in PYRAMID:
-            state.update({f"{name}.{k}": v.detach().clone() for k, v in getattr(self.backbone, name).state_dict().items()})
-        kwargs = {**swin.swin_unetr_kwargs(), "norm_name": "instance", "normalize": True}
-        return ExportedEncoder("swin_unetr", state, kwargs,
-                             {"method": "voco", "teacher": self.hparams.teacher, "crop_size": list(self.crop)})
+        """The Swin encoder and the pre-trained ``encoder1..4``/``encoder10`` blocks, for MONAI ``SwinUNETR``."""
+        return ExportedEncoder(*self.backbone.export(),
+                               {"method": "voco", "teacher": self.hparams.teacher, "crop_size": list(self.crop)})
