@@ -33,6 +33,10 @@ from lightning_mim.heads.light_decoder import DecoderNorm, Densify, LightDecoder
 from lightning_mim.heads.partial_decoder import SubBox, SwinUNETRDecoder
 from lightning_mim.heads.projector import pooled_pyramid
 
+#: ``SwinUNETR`` arguments under which exported conv blocks were trained: instance norm, fed normalised
+#: Swin maps (Swin UNETR's decoder in HybridMIM, VoCo's encoder blocks).
+SWIN_UNETR_BLOCK_KWARGS = {"norm_name": "instance", "normalize": True}
+
 
 class NetworkExport(NamedTuple):
     """Pre-trained weights in the key layout of segmentation network ``target``, and its constructor kwargs."""
@@ -197,7 +201,7 @@ class SwinUNETRNetwork(nn.Module):
 
     def export(self) -> NetworkExport:
         decoder = {k: v.detach().clone() for k, v in self.decoder.state_dict().items() if not k.startswith("out.")}
-        kwargs = {**self.encoder.swin_unetr_kwargs(), "norm_name": "instance", "normalize": True}
+        kwargs = {**self.encoder.swin_unetr_kwargs(), **SWIN_UNETR_BLOCK_KWARGS}
         return NetworkExport("swin_unetr", {**self.encoder.swin_unetr_state_dict(), **decoder}, kwargs)
 
 
@@ -250,7 +254,7 @@ class VoCoBackbone(nn.Module):
         state = self.swinViT.swin_unetr_state_dict()
         for name in PYRAMID:
             state.update({f"{name}.{k}": v.detach().clone() for k, v in getattr(self, name).state_dict().items()})
-        kwargs = {**self.swinViT.swin_unetr_kwargs(), "norm_name": "instance", "normalize": True}
+        kwargs = {**self.swinViT.swin_unetr_kwargs(), **SWIN_UNETR_BLOCK_KWARGS}
         return NetworkExport("swin_unetr", state, kwargs)
 
 
